@@ -1,0 +1,46 @@
+"""The one tolerance table of the test suite, chosen by operation class. Tests import from here; no inline magic
+numbers for numerical comparisons."""
+from __future__ import annotations
+
+import torch
+
+# Pack / unpack / quantize-and-store / cast: bit-exact (torch.equal).
+BIT_EXACT = dict(atol=0.0, rtol=0.0)
+
+# GEMM / attention vs an fp32 reference computed from the same (dequantized) inputs, by output dtype.
+GEMM = {
+    torch.float32: dict(atol=1e-3, rtol=1e-4),
+    torch.bfloat16: dict(atol=1e-1, rtol=1e-2),
+    torch.float16: dict(atol=1e-2, rtol=1e-3),
+}
+ATTENTION = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=1e-3, rtol=1e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+# Mixed-precision grouped GEMM vs dequantized fp32 reference: relative mean absolute error.
+GROUPED_GEMM_REL_MEAN = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+# Quantization quality floors (SQNR, dB) of a quantized linear vs the float one, random Gaussian weights, RTN.
+SQNR_DB_MIN = {8: 40.0, 4: 16.0, 3: 10.0, 2: 4.0}
+# GPTQ must beat RTN by at least this much at 3 bits on correlated inputs (issue acceptance).
+GPTQ_GAIN_DB_3BIT = 2.0
+# Nested int4 prefix within this many dB of direct int4 RTN.
+NESTED4_VS_INT4_DB = 1.0
+
+# End-to-end logprob KL divergence: uniform W8 vs bf16.
+KLD_W8_MAX = 1e-3
+
+
+def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``test`` against ``ref`` in dB (fp64)."""
+    ref = ref.double()
+    noise = (ref - test.double()).pow(2).sum()
+    return float(10 * torch.log10(ref.pow(2).sum() / noise.clamp_min(1e-300)))
+
+
+def rel_mean_err(ref: torch.Tensor, test: torch.Tensor) -> float:
+    """mean|ref - test| / mean|ref| in fp64."""
+    ref = ref.double()
+    return float((ref - test.double()).abs().mean() / ref.abs().mean().clamp_min(1e-300))
