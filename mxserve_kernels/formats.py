@@ -79,7 +79,8 @@ class WeightScheme:
     def name(self) -> str:
         if self.bits == 16:
             return "bf16"
-        s = f"int{self.bits}_g{self.group_size}_{'sym' if self.symmetric else 'asym'}"
+        base = NESTED_BASE_BITS if self.nested else self.bits
+        s = f"int{base}_g{self.group_size}_{'sym' if self.symmetric else 'asym'}"
         if self.scale_dtype == "fp16":
             s += "_fp16"
         if self.nested:
@@ -95,7 +96,9 @@ class WeightScheme:
         if not m:
             raise ValueError(f"unknown weight scheme name {name!r} (expected e.g. 'int4_g128_asym' or 'bf16')")
         nested = m.group("nested") is not None
-        bits = int(m.group("prefix") or m.group("bits")) if nested else int(m.group("bits"))
+        if nested and int(m.group("bits")) != NESTED_BASE_BITS:
+            raise ValueError(f"nested scheme {name!r} must have an int{NESTED_BASE_BITS} base")
+        bits = int(m.group("prefix") or NESTED_MAX_BITS) if nested else int(m.group("bits"))
         return cls(bits=bits, group_size=int(m.group("g")), symmetric=m.group("sym") == "sym",
                    scale_dtype="fp16" if m.group("sd") else "bf16", nested=nested)
 
