@@ -49,6 +49,8 @@ class MetricSpec:
         labels: fixed label names (always starts with ``model_name``).
         per_expert_labels: extra labels added only when per-expert series are enabled.
         buckets: histogram buckets (seconds).
+        agg: how the API-server collector combines workers of one engine (TP ranks): ``sum`` (bytes, counts,
+            experts held) or ``max`` (per-element ratios, which are the same on every rank).
     """
 
     name: str
@@ -57,6 +59,7 @@ class MetricSpec:
     labels: tuple[str, ...] = ("model_name",)
     per_expert_labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
+    agg: Literal["sum", "max"] = "sum"
 
     def __post_init__(self) -> None:
         if not self.name.startswith(PREFIX):
@@ -77,8 +80,8 @@ class MetricSpec:
 
 
 def _s(name: str, kind: Kind, help_: str, *labels: str, per_expert: tuple[str, ...] = (),
-       buckets: tuple[float, ...] = ()) -> MetricSpec:
-    return MetricSpec(PREFIX + name, kind, help_, ("model_name",) + labels, per_expert, buckets)
+       buckets: tuple[float, ...] = (), agg: Literal["sum", "max"] = "sum") -> MetricSpec:
+    return MetricSpec(PREFIX + name, kind, help_, ("model_name",) + labels, per_expert, buckets, agg)
 
 
 # ---- embedded engine (mxserve serve on CPU): attribute name -> spec ------------------------------------------
@@ -124,11 +127,12 @@ WORKER_METRICS: dict[str, MetricSpec] = {
     "weight_bytes": _s("worker_weight_bytes", "gauge", "Weight bytes on this worker by storage precision.", *_W,
                        "precision"),
     "kv_cache_bits_per_element": _s("worker_kv_cache_bits_per_element", "gauge",
-                                    "Effective KV-cache bits per element on this worker, scales included.", *_W),
+                                    "Effective KV-cache bits per element on this worker, scales included.", *_W,
+                                    agg="max"),
     "kv_cache_bytes": _s("worker_kv_cache_bytes", "gauge", "KV-cache bytes allocated on this worker.", *_W),
     "quant_config": _s("quant_config_info", "info",
                        "Static mxmoe configuration (value 1; the labels carry the config).", *_W,
-                       "weight_bits_mix", "kv_bits", "offload", "scheme"),
+                       "weight_bits_mix", "kv_bits", "offload", "scheme", agg="max"),
 }
 
 ALL_METRICS: tuple[MetricSpec, ...] = tuple(ENGINE_METRICS.values()) + tuple(WORKER_METRICS.values())
