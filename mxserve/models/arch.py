@@ -55,11 +55,19 @@ class MoEArch:
 
     def geometry(self, cfg: Any) -> dict[str, int]:
         """Layer count, experts, top-k, hidden and expert intermediate size from an HF config (obj or dict)."""
-        get = (lambda k: cfg[k]) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k))
+        def get(k: str):
+            for name in (k,) + _ALIASES.get(k, ()):
+                v = cfg.get(name) if isinstance(cfg, dict) else getattr(cfg, name, None)
+                if v is not None:
+                    return v
+            raise ValueError(f"{self.arch} config has no field {k!r}")
         return {"layers": get("num_hidden_layers"), "experts": get(self.num_experts_field),
                 "top_k": get(self.top_k_field), "hidden": get("hidden_size"),
                 "inter": get(self.expert_inter_field)}
 
+
+# transformers 5 saves some fields under other names (Qwen3MoeConfig writes num_local_experts).
+_ALIASES = {"num_experts": ("num_local_experts",), "num_local_experts": ("num_experts",)}
 
 ARCHS: dict[str, MoEArch] = {
     "qwen3_moe": MoEArch("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", "Qwen3MoeConfig"),
