@@ -1,0 +1,1 @@
+"""GPTQ: pure solver (``solver``) and the layer-by-layer calibration driver (``driver``)."""
