@@ -44,3 +44,8 @@ def rel_mean_err(ref: torch.Tensor, test: torch.Tensor) -> float:
     """mean|ref - test| / mean|ref| in fp64."""
     ref = ref.double()
     return float((ref - test.double()).abs().mean() / ref.abs().mean().clamp_min(1e-300))
+
+# KV-cache quantization quality (SQNR dB of dequantized K or V vs the original, Gaussian data, clip 1.0,
+# per-token groups of 64 channels, ternary 128) and attention-output SQNR of the quantized cache vs fp attention.
+KV_SQNR_DB_MIN = {8: 40.0, 4: 18.0, 2: 5.0, 1.5: 2.0}
+KV_ATTN_SQNR_DB_MIN = {"K8V8": 38.0, "K4V4": 14.0, "K4V2": 4.0}  # iid Gaussian q,k,v, 256 keys, D=64
