@@ -141,7 +141,7 @@ def local_snapshot() -> dict[str, Any]:
     with _lock:
         model_name, engine = _state["model_name"], _state["engine"]
         sections = json.loads(json.dumps(_state["sections"]))
-    if (model_name is None or engine is None) and _context_provider is not None:
+    if sections and (model_name is None or engine is None) and _context_provider is not None:
         try:
             pm, pe = _context_provider()
         except Exception as e:  # the provider reads vLLM state that may not exist yet: label later
@@ -149,6 +149,7 @@ def local_snapshot() -> dict[str, Any]:
             pm, pe = None, None
         model_name = model_name if model_name is not None else pm
         engine = engine if engine is not None else pe
+        configure(model_name, engine)  # remember: the vLLM config is only current during model load
     return {"pid": os.getpid(), "time": time.time(), "model_name": model_name or "",
             "engine": 0 if engine is None else engine, "sections": sections}
 
