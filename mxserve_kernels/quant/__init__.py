@@ -1,0 +1,5 @@
+"""Quantized dense linears: ``prepare_linear`` (canonical -> runtime layout) and ``dequant_linear`` (fused dequant
+GEMM). Bit-exact canonical pack/unpack/dequantize oracle in ``quant.reference``; Triton pack/unpack in ``quant.pack``."""
+from mxserve_kernels.quant.linear import LinearWeights, dequant_linear, prepare_linear
+
+__all__ = ["LinearWeights", "dequant_linear", "prepare_linear"]

@@ -69,3 +69,20 @@ def dequantize(scheme: WeightScheme, tensors: dict[str, torch.Tensor], k: int,
             w = w + sign * tensors[f"plane{p}_scales"].to(torch.float32).repeat_interleave(g, dim=1)
     assert w.shape == (n, k)
     return w.to(out_dtype)
+
+
+def dequant_linear(x: torch.Tensor, lw, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference of ``quant.dequant_linear``: ``x @ dequant(W)^T + bias`` in fp32 from the runtime layout.
+
+    Args:
+        x: [..., K]. lw: LinearWeights ([N, K]). bias: optional [N].
+    Returns:
+        [..., N] x.dtype.
+    """
+    from mxserve_kernels._common.layout import dequant_expert
+    if x.shape[-1] != lw.k:
+        raise ValueError(f"dequant_linear: x last dim {x.shape[-1]} != in_features K={lw.k}")
+    y = x.to(torch.float32) @ dequant_expert(lw, 0).t()
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)

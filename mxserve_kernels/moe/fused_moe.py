@@ -1,0 +1,53 @@
+"""``fused_moe``: the MoE layer forward with one grouped-GEMM launch per projection (all precisions together)."""
+from __future__ import annotations
+
+import torch
+
+from mxserve_kernels._common import configs
+from mxserve_kernels.moe import reference
+from mxserve_kernels.moe.grouped_gemm import MODE_DOWN, MODE_GATE_UP, grouped_gemm, triton_usable
+from mxserve_kernels.moe.routing import Route, moe_align
+from mxserve_kernels.moe.weights import MoEWeights
+
+
+def moe_config(w: MoEWeights, num_tokens: int, top_k: int) -> dict[str, dict[str, int]]:
+    """Launch configs ``{"w13": cfg, "w2": cfg}`` (same BLOCK_M) for T tokens: the tuned file's nearest T, else the
+    documented default (``_common/configs.default_config``)."""
+    tuned = configs.lookup({"E": w.num_experts, "H": w.hidden, "I": w.inter}, num_tokens)
+    if tuned is not None:
+        return tuned
+    d = configs.default_config(num_tokens * top_k / max(w.num_experts, 1))
+    return {"w13": d, "w2": dict(d)}
+
+
+def fused_moe(x: torch.Tensor, w: MoEWeights, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
+              activation: str = "silu", expert_map: torch.Tensor | None = None,
+              config: dict[str, dict[str, int]] | None = None, route: Route | None = None) -> torch.Tensor:
+    """out[t] = sum_k topk_weights[t,k] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t,k].
+
+    Args:
+        x: [T, H] bf16/fp16/fp32.
+        w: MoEWeights (experts may mix bf16 / int2 / int3 / int4 / int8 / nested).
+        topk_weights: [T, K] fp32 router weights. topk_ids: [T, K] int32/int64 expert ids.
+        activation: "silu" (SiLU-and-mul fused into the gate_up launch).
+        expert_map: optional [E_global] global -> local id, -1 = not on this rank.
+        config: launch configs (default: tuned JSON or the documented default).
+        route: precomputed tile map (e.g. from vLLM's moe_align_block_size); BLOCK_M must match the config.
+    Returns:
+        [T, H] x.dtype. On CPU without TRITON_INTERPRET=1 this is ``reference.fused_moe``.
+    """
+    reference._check(x, w, topk_weights, topk_ids, activation)
+    if not triton_usable(x):
+        return reference.fused_moe(x, w, topk_weights, topk_ids, activation=activation, expert_map=expert_map)
+    t, k = topk_ids.shape
+    if t == 0:
+        return x.new_zeros((0, w.hidden))
+    cfg = config or moe_config(w, t, k)
+    if cfg["w13"]["BLOCK_M"] != cfg["w2"]["BLOCK_M"]:
+        raise ValueError("fused_moe: config w13 and w2 must share BLOCK_M")
+    if route is None:
+        route = moe_align(topk_ids, w.num_experts, cfg["w13"]["BLOCK_M"], expert_map)
+    h = grouped_gemm(x, w.w13, cfg["w13"], mode=MODE_GATE_UP, route=route, a_div=k)  # [T*K, I]
+    y = grouped_gemm(h, w.w2, cfg["w2"], mode=MODE_DOWN, route=route, topk_weights=topk_weights,
+                     zero_init=expert_map is not None)  # [T*K, H], router weights applied
+    return y.view(t, k, w.hidden).sum(dim=1) if k > 1 else y.view(t, w.hidden)

@@ -1,0 +1,104 @@
+"""Launcher of the mixed-precision grouped GEMM, registered as the torch custom op ``mxserve::grouped_gemm``.
+
+Contract: (1) check shapes/dtypes -> ValueError naming the tensor; (2) allocate the output; (3) launch one Triton
+kernel for all experts of the projection (``grouped_gemm_kernels.grouped_gemm_kernel``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mxserve_kernels._common.layout import NFIELDS, PackedWeights
+from mxserve_kernels.moe.routing import Route
+
+try:  # importable without Triton; the op then raises a clear error when called
+    import triton
+
+    from mxserve_kernels.moe.grouped_gemm_kernels import grouped_gemm_kernel
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - environment without triton
+    HAS_TRITON = False
+
+MODE_PLAIN, MODE_GATE_UP, MODE_DOWN = 0, 1, 2
+_ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def triton_usable(t: torch.Tensor) -> bool:
+    """True when the Triton kernels can run on ``t``'s device (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    return HAS_TRITON and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@torch.library.custom_op("mxserve::grouped_gemm", mutates_args=())
+def grouped_gemm_op(x: torch.Tensor, qw: torch.Tensor, pw: torch.Tensor, meta: torch.Tensor, wbf: torch.Tensor,
+                    einfo: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
+                    num_post: torch.Tensor, topk_w: torch.Tensor, n: int, k: int, wcols: int, n_up: int, a_div: int,
+                    num_valid: int, out_rows: int, mode: int, dense: bool, zero_init: bool,
+                    cfg: list[int]) -> torch.Tensor:
+    """Raw op (tensors and ints only, for torch.compile / CUDA graphs); use ``grouped_gemm`` instead."""
+    if not HAS_TRITON:
+        raise RuntimeError("mxserve::grouped_gemm needs Triton; use mxserve_kernels.moe.reference on this machine")
+    block_m, block_n, block_k, num_warps, num_stages = cfg
+    alloc = torch.zeros if zero_init else torch.empty
+    out = alloc((out_rows, n), dtype=x.dtype, device=x.device)
+    m_blocks = triton.cdiv(num_valid, block_m) if dense else block_expert.numel()
+    grid = (m_blocks, triton.cdiv(n, block_n))
+    grouped_gemm_kernel[grid](
+        x, out, qw, pw, meta, wbf, einfo, sorted_ids, block_expert, num_post, topk_w,
+        n, k, wcols, n_up, x.stride(0), out.stride(0), a_div, num_valid,
+        MODE=mode, DENSE=dense, NFIELDS=NFIELDS, IS_FP32=x.dtype == torch.float32 or not x.is_cuda,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+@grouped_gemm_op.register_fake
+def _(x, qw, pw, meta, wbf, einfo, sorted_ids, block_expert, num_post, topk_w, n, k, wcols, n_up, a_div,
+      num_valid, out_rows, mode, dense, zero_init, cfg):
+    return x.new_empty((out_rows, n))
+
+
+def _cfg_list(cfg: dict[str, int]) -> list[int]:
+    return [int(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")]
+
+
+def grouped_gemm(x: torch.Tensor, w: PackedWeights, cfg: dict[str, int], *, mode: int, route: Route | None = None,
+                 a_div: int = 1, topk_weights: torch.Tensor | None = None, zero_init: bool = False) -> torch.Tensor:
+    """One launch over all experts of a projection.
+
+    Args:
+        x: [R, K] activations (bf16/fp16/fp32); row of pair r is ``x[r // a_div]``.
+        w: the projection, [N, K] per expert (``n_up = N/2`` for MODE_GATE_UP).
+        cfg: launch config (``_common.configs``); BLOCK_M must equal ``route.block_m``.
+        mode: MODE_PLAIN, MODE_GATE_UP (fused SiLU-and-mul) or MODE_DOWN (router weights applied).
+        route: tile map (None: dense, one expert, rows 0..R-1).
+        topk_weights: [T*K] fp32 router weights (MODE_DOWN).
+        zero_init: zero the output first (rows of dropped pairs stay 0).
+    Returns:
+        [T*K or R, N'] x.dtype, N' = N/2 for MODE_GATE_UP else N.
+    """
+    if x.dim() != 2 or x.shape[1] != w.k:
+        raise ValueError(f"grouped_gemm: x must be [R, {w.k}], got {list(x.shape)}")
+    if x.dtype not in _ACT_DTYPES:
+        raise ValueError(f"grouped_gemm: x dtype {x.dtype} not in {_ACT_DTYPES}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    n_out = w.n // 2 if mode == MODE_GATE_UP else w.n
+    dense = route is None
+    if dense:
+        dummy = w.einfo
+        sorted_ids = block_expert = num_post = dummy
+        num_valid, out_rows = x.shape[0], x.shape[0]
+    else:
+        if route.block_m != cfg["BLOCK_M"]:
+            raise ValueError(f"grouped_gemm: route BLOCK_M {route.block_m} != config BLOCK_M {cfg['BLOCK_M']}")
+        sorted_ids, block_expert, num_post = route.sorted_ids, route.block_expert, route.num_post
+        num_valid = out_rows = route.num_valid
+    if mode == MODE_DOWN:
+        if topk_weights is None or topk_weights.numel() != num_valid:
+            raise ValueError(f"grouped_gemm: MODE_DOWN needs topk_weights with {num_valid} elements")
+        tw = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    else:
+        tw = w.einfo
+    return torch.ops.mxserve.grouped_gemm(x, w.qw, w.pw, w.meta, w.wbf, w.einfo, sorted_ids, block_expert, num_post,
+                                          tw, n_out, w.k, w.n, n_out, a_div, num_valid, out_rows, mode, dense,
+                                          zero_init, _cfg_list(cfg))

@@ -1,0 +1,88 @@
+"""Routing metadata for the grouped GEMM, in torch (fixed shapes, no host sync: CUDA-graph and torch.compile safe).
+
+Same output convention as vLLM's ``moe_align_block_size`` (which the vLLM plugin may feed instead): the (token,
+slot) pairs ``r = t*K + k`` sorted by expert, each expert's run padded to a multiple of BLOCK_M with the sentinel
+``T*K``; ``block_expert[b]`` is the expert of m-block b (-1 past the end); ``num_post`` the padded length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Route:
+    """Tile map of one MoE forward.
+
+    Attributes:
+        sorted_ids: int32 [max_padded] pair ids ``t*K + k`` grouped by expert, padding = ``num_valid``.
+        block_expert: int32 [max_padded / BLOCK_M] local expert of each m-block, -1 for unused blocks.
+        num_post: int32 [1] number of used rows (multiple of BLOCK_M).
+        num_valid: T*K (the sentinel).
+        block_m: BLOCK_M the padding used.
+    """
+
+    sorted_ids: torch.Tensor
+    block_expert: torch.Tensor
+    num_post: torch.Tensor
+    num_valid: int
+    block_m: int
+
+
+def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Upper bound of the padded length: each non-empty expert (at most min(E, T*K)) adds < BLOCK_M padding."""
+    bound = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
+    return max(block_m, -(-bound // block_m) * block_m)
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
+              expert_map: torch.Tensor | None = None) -> Route:
+    """Group (token, slot) pairs by expert and build the tile map.
+
+    Args:
+        topk_ids: [T, K] int32/int64 global expert ids.
+        num_experts: E, local experts of the weights.
+        block_m: BLOCK_M of the GEMM launches.
+        expert_map: optional [E_global] int global -> local id, -1 = not on this rank (those pairs are dropped).
+    Returns:
+        Route.
+    """
+    if topk_ids.dim() != 2:
+        raise ValueError(f"moe_align: topk_ids must be [T, K], got {list(topk_ids.shape)}")
+    dev = topk_ids.device
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    tk = flat.numel()
+    if expert_map is not None:
+        flat = expert_map.to(dev, torch.int64)[flat]
+    flat = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)  # E = dropped
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    counts = counts[:num_experts]
+    padded = (counts + block_m - 1) // block_m * block_m
+    pend = torch.cumsum(padded, 0)
+    pstart = pend - padded
+    cstart = torch.cumsum(counts, 0) - counts
+    order = torch.sort(flat, stable=True).indices  # pairs grouped by expert, dropped pairs last
+    se = flat[order]
+    valid = se < num_experts
+    sec = se.clamp(max=num_experts - 1)
+    rank = torch.arange(tk, device=dev) - cstart[sec]
+    max_rows = max_padded_rows(tk, num_experts, block_m)
+    dest = torch.where(valid, pstart[sec] + rank, max_rows)
+    sorted_ids = torch.full((max_rows + 1,), tk, dtype=torch.int32, device=dev)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    sorted_ids = sorted_ids[:max_rows]
+    nblocks = max_rows // block_m
+    bstart = torch.arange(nblocks, device=dev) * block_m
+    be = torch.searchsorted(pend, bstart, right=True)
+    block_expert = torch.where(be < num_experts, be, -1).to(torch.int32)
+    num_post = pend[-1:].to(torch.int32)
+    return Route(sorted_ids, block_expert, num_post, tk, block_m)
+
+
+def route_from_vllm(sorted_ids: torch.Tensor, expert_ids: torch.Tensor, num_post: torch.Tensor, num_valid: int,
+                    block_m: int) -> Route:
+    """Wrap vLLM ``moe_align_block_size`` output (sorted_token_ids, expert_ids, num_tokens_post_padded)."""
+    return Route(sorted_ids.to(torch.int32), expert_ids.to(torch.int32), num_post.reshape(1).to(torch.int32),
+                 num_valid, block_m)
