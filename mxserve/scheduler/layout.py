@@ -1,0 +1,120 @@
+"""Byte layout of one offloaded expert's nested planes (host arena blobs and GPU slots).
+
+An expert has two projections, ``gate_up`` ``[2I, H]`` and ``down`` ``[H, I]`` (``[N, K]`` each), stored in a nested
+scheme of ``mxserve_kernels.formats`` (int2 asym base + 1-bit residual planes 3 and 4). Its bytes split into
+*planes* ("levels"): level 2 = the base (``qweight, scales, zeros`` of both projections), level p in (3, 4) =
+``plane{p}_weight, plane{p}_scales`` of both projections. A plane is one contiguous blob; each tensor inside starts
+at a ``ALIGN``-byte offset (vector loads in the GroupGEMM).
+
+GPU slots are all ``slot_bytes`` long and hold either a base blob (at offset 0) or an *upper* blob: plane 3 at
+offset 0 and plane 4 at ``upper_offset[4]``. With 16-bit scales a base is exactly as large as planes 3 + 4, so one
+slot size fits both without waste (modulo alignment).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mxserve_kernels.formats import NESTED_BASE_BITS, NESTED_MAX_BITS, WeightScheme
+
+ALIGN = 128
+BASE = NESTED_BASE_BITS                      # level of the base plane (2)
+LEVELS = tuple(range(NESTED_BASE_BITS, NESTED_MAX_BITS + 1))  # (2, 3, 4)
+UPPER = LEVELS[1:]                           # (3, 4): planes sharing the upper slot
+PROJS = ("gate_up", "down")
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor inside a plane blob: ``blob[offset : offset + nbytes].view(dtype).view(shape)``."""
+
+    name: str          # e.g. "gate_up.qweight", "down.plane3_scales"
+    dtype: str         # "uint8", "bf16" or "fp16"
+    shape: tuple[int, int]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * (1 if self.dtype == "uint8" else 2)
+
+
+@dataclass(frozen=True)
+class PlaneLayout:
+    """Plane blobs of every offloaded expert (uniform over layers and experts).
+
+    Args:
+        hidden: H.
+        inter: I (expert intermediate size).
+        gate_up: nested scheme of the fused gate/up projection ``[2I, H]``.
+        down: nested scheme of the down projection ``[H, I]``.
+    """
+
+    hidden: int
+    inter: int
+    gate_up: WeightScheme
+    down: WeightScheme
+    specs: dict[int, tuple[TensorSpec, ...]] = field(init=False, repr=False)
+    plane_bytes: dict[int, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        specs: dict[int, list[TensorSpec]] = {lv: [] for lv in LEVELS}
+        offs = {lv: 0 for lv in LEVELS}
+        for proj, scheme, (n, k) in (("gate_up", self.gate_up, (2 * self.inter, self.hidden)),
+                                     ("down", self.down, (self.hidden, self.inter))):
+            if not scheme.nested:
+                raise ValueError(f"offload layout: {proj} scheme {scheme.name!r} is not nested (needs int2 base + planes)")
+            scheme.check_shape(n, k, where=f"offload layout {proj}")
+            g = scheme.num_groups(k)
+            sd = scheme.scale_dtype
+            tensors = {BASE: [("qweight", "uint8", (n, scheme.packed_cols(k))), ("scales", sd, (n, g)),
+                              ("zeros", sd, (n, g))]}
+            for p in UPPER:
+                tensors[p] = [(f"plane{p}_weight", "uint8", (n, k // 8)), (f"plane{p}_scales", sd, (n, g))]
+            for lv, items in tensors.items():
+                for name, dt, shape in items:
+                    spec = TensorSpec(f"{proj}.{name}", dt, shape, offs[lv])
+                    specs[lv].append(spec)
+                    offs[lv] = _align(offs[lv] + spec.nbytes)
+        object.__setattr__(self, "specs", {lv: tuple(v) for lv, v in specs.items()})
+        object.__setattr__(self, "plane_bytes", dict(offs))
+
+    # ---- sizes -----------------------------------------------------------------------------------------------
+    @property
+    def upper_offset(self) -> dict[int, int]:
+        """Byte offset of upper plane p inside an upper slot."""
+        out, off = {}, 0
+        for p in UPPER:
+            out[p] = off
+            off += self.plane_bytes[p]
+        return out
+
+    @property
+    def upper_bytes(self) -> int:
+        return sum(self.plane_bytes[p] for p in UPPER)
+
+    @property
+    def slot_bytes(self) -> int:
+        return max(self.plane_bytes[BASE], self.upper_bytes)
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one expert with all planes."""
+        return sum(self.plane_bytes.values())
+
+    def bytes_to_level(self, level: int) -> int:
+        """Bytes of planes 2..level of one expert (0 for level 0)."""
+        return sum(self.plane_bytes[lv] for lv in LEVELS if lv <= level)
+
+    def slot_offset(self, level: int) -> int:
+        """Offset of plane ``level`` in its slot (base and plane 3 at 0)."""
+        return 0 if level == BASE else self.upper_offset[level]
+
+
+def qwen3_30b_a3b_layout(group_size: int = 128) -> tuple[PlaneLayout, dict[str, int]]:
+    """Layout + geometry of Qwen3-30B-A3B experts (48 layers, E=128, top-8, H=2048, I=768) at int2 nested4."""
+    s = WeightScheme(bits=NESTED_MAX_BITS, group_size=group_size, nested=True)
+    geo = {"layers": 48, "experts": 128, "top_k": 8, "hidden": 2048, "inter": 768}
+    return PlaneLayout(hidden=geo["hidden"], inter=geo["inter"], gate_up=s, down=s), geo
