@@ -1,23 +1,61 @@
-"""``mxmoe`` QuantizationConfig for vLLM 0.26 (placeholder until the vllm-plugin methods land)."""
+"""``mxmoe`` QuantizationConfig for vLLM 0.26: reads the checkpoint's ``quantization_config`` and dispatches layers.
+
+Lifecycle (../shared/docs/vllm-0.26.md §2):
+  1. process0: ``from_config(hf_config.quantization_config)`` (also reached through ``--hf-overrides
+     '{"quantization_config": {...}}'``, or ``hf_overrides["quantization_config_file"|"quantization_config_dict_json"]``);
+     then ``maybe_update_config(model_dir, hf_config)`` checks that the checkpoint holds exactly the tensors the plan
+     names (``loading.check_checkpoint``). The config is pickled into workers: it holds only the GPU-free ``MxMoEConfig``.
+  2. model construction: ``apply_vllm_mapper`` maps the plan's HF module names to vLLM names (unstacked mapper);
+     ``get_quant_method(layer, prefix)`` returns
+       * ``MxLinearMethod`` for quantized ``LinearBase`` layers (fused q/k/v and gate/up shards must share a scheme),
+       * ``UnquantizedLinearMethod`` for bf16 linears and routers (``...gate``, ``...shared_expert_gate``),
+       * ``MxMoEMethod`` for ``RoutedExperts`` with a plan entry (``None`` -> vLLM's unquantized MoE otherwise),
+       * ``None`` for embeddings / lm_head (unquantized) and attention (unless the KV package provides a method).
+"""
 from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
 
 import torch
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
 from mxserve.config import MxMoEConfig
+from mxserve.config.quant_config import QUANT_METHOD, ExpertPlan
+from mxserve_kernels.formats import WeightScheme
+
+logger = logging.getLogger("mxserve")
+
+# Fused vLLM module -> the checkpoint shards it stacks (models add theirs via packed_modules_mapping).
+DEFAULT_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+# Linear layers that always stay in the model dtype (routers and the shared-expert scalar gate).
+UNQUANTIZED_LEAVES = ("gate", "shared_expert_gate")
 
 
-@register_quantization_config("mxmoe")
+class FusedSchemeError(ValueError):
+    """Shards of one fused vLLM module (q/k/v, gate/up) carry different schemes in the plan."""
+
+
+@register_quantization_config(QUANT_METHOD)
 class MxMoEQuantConfig(QuantizationConfig):
-    """Reads the checkpoint's ``quantization_config`` (see ``mxserve.config.quant_config``)."""
+    """vLLM view of an ``MxMoEConfig`` (picklable, GPU-free).
+
+    Args:
+        cfg: the parsed checkpoint ``quantization_config``; ``None`` means all-bf16 (``-q mxmoe`` on a bf16 model).
+    """
 
     def __init__(self, cfg: MxMoEConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg or MxMoEConfig()
+        self._modules: dict[str, WeightScheme] = dict(self.cfg.modules)
+        self._experts: dict[str, ExpertPlan] = dict(self.cfg.experts)
 
+    # ---- vLLM QuantizationConfig API ----------------------------------------------------------------------------
     def get_name(self) -> str:
-        return "mxmoe"
+        return QUANT_METHOD
 
     def get_supported_act_dtypes(self) -> list[torch.dtype]:
         return [torch.bfloat16, torch.float16]
@@ -34,7 +72,108 @@ class MxMoEQuantConfig(QuantizationConfig):
     def from_config(cls, config: dict) -> "MxMoEQuantConfig":
         return cls(MxMoEConfig.from_dict(config))
 
-    def get_quant_method(self, layer, prefix: str):
-        raise NotImplementedError(
-            f"mxserve: the mxmoe layer methods are not implemented yet (layer {prefix!r}); "
-            "this build only registers the quantization name")
+    @classmethod
+    def from_config_file(cls, path: str) -> "MxMoEQuantConfig":
+        """``--hf-overrides '{"quantization_config_file": PATH}'``: a JSON file holding the quantization_config."""
+        with open(path) as f:
+            return cls.from_config(json.load(f))
+
+    @classmethod
+    def from_config_dict_json(cls, s: str) -> "MxMoEQuantConfig":
+        """``--hf-overrides '{"quantization_config_dict_json": "<json>"}'``."""
+        return cls.from_config(json.loads(s))
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg: dict, user_quant: str | None, hf_config=None) -> str | None:
+        method = str((hf_quant_cfg or {}).get("quant_method", "")).lower()
+        if method == QUANT_METHOD and user_quant in (None, QUANT_METHOD):
+            return QUANT_METHOD
+        return None
+
+    def is_mxfp4_quant(self, prefix: str, layer: torch.nn.Module) -> bool:
+        return False
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        """Map the plan's HF module names to vLLM names (idempotent: always maps from the checkpoint's names)."""
+        self._modules = hf_to_vllm_mapper.apply_dict(dict(self.cfg.modules))
+        self._experts = hf_to_vllm_mapper.apply_dict(dict(self.cfg.experts))
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
+        """Check the checkpoint against the plan before any weight is loaded (local checkpoint directories only)."""
+        from mxserve.vllm_plugin.loading import check_checkpoint
+
+        if model_name and os.path.isdir(model_name):
+            check_checkpoint(self.cfg, model_name, hf_config)
+
+    # ---- scheme lookup --------------------------------------------------------------------------------------------
+    def shard_names(self, prefix: str) -> list[str]:
+        """vLLM (unstacked) module names of the checkpoint shards behind the vLLM module ``prefix``."""
+        head, _, leaf = prefix.rpartition(".")
+        packed = {**DEFAULT_PACKED, **(self.packed_modules_mapping or {})}
+        if leaf in packed:
+            return [f"{head}.{s}" if head else s for s in packed[leaf]]
+        return [prefix]
+
+    def linear_scheme(self, prefix: str) -> WeightScheme:
+        """The one scheme of the (possibly fused) linear ``prefix``; FusedSchemeError naming the shards otherwise."""
+        if prefix.rpartition(".")[2] in UNQUANTIZED_LEAVES:
+            return WeightScheme(bits=16)
+        shards = self.shard_names(prefix)
+        schemes = {s: self._modules.get(s, self.cfg.default_scheme) for s in shards}
+        if len(set(schemes.values())) > 1:
+            detail = ", ".join(f"{s}={sc.name}" for s, sc in schemes.items())
+            raise FusedSchemeError(
+                f"mxmoe: the shards of fused module {prefix!r} have different schemes ({detail}); vLLM stores a fused "
+                "module as one tensor, so q/k/v and gate/up must share a scheme: re-quantize with a shared scheme")
+        return next(iter(schemes.values()))
+
+    def expert_plan(self, prefix: str) -> ExpertPlan | None:
+        return self._experts.get(prefix)
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        from vllm.model_executor.layers.fused_moe import RoutedExperts
+        from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+
+        if isinstance(layer, LinearBase):
+            scheme = self.linear_scheme(prefix)
+            if scheme.bits == 16:
+                return UnquantizedLinearMethod()
+            from mxserve.vllm_plugin.linear_method import MxLinearMethod
+            return MxLinearMethod(scheme, prefix, self.shard_names(prefix))
+        if isinstance(layer, RoutedExperts):
+            plan = self.expert_plan(prefix)
+            if plan is None:
+                return None
+            from mxserve.vllm_plugin.moe_method import MxMoEMethod
+            return MxMoEMethod(plan, prefix, layer.moe_config)
+        return self._kv_method(layer, prefix)
+
+    def _kv_method(self, layer: torch.nn.Module, prefix: str):
+        """Delegate attention layers to the KV package when it is present and the plan has a ``kv`` section."""
+        if self.cfg.kv is None:
+            return None
+        try:
+            from mxserve.vllm_plugin.kv import get_kv_quant_method  # type: ignore[attr-defined]
+        except ImportError:
+            return None
+        return get_kv_quant_method(self, layer, prefix)
+
+    def __repr__(self) -> str:
+        return (f"MxMoEQuantConfig(default={self.cfg.default_scheme.name}, modules={len(self.cfg.modules)}, "
+                f"moe_layers={len(self.cfg.experts)})")
+
+
+def register() -> None:
+    """Called by ``mxserve.vllm_plugin.register()``; importing this module already registered ``mxmoe``."""
+    return None
+
+
+def plan_summary(cfg: MxMoEConfig) -> dict[str, Any]:
+    """Scheme histogram of a plan (for logs and docs): {scheme name: count of weights}."""
+    hist: dict[str, int] = {}
+    for s in cfg.modules.values():
+        hist[s.name] = hist.get(s.name, 0) + 1
+    for p in cfg.experts.values():
+        for s in (*p.gate_up, *p.down):
+            hist[s.name] = hist.get(s.name, 0) + 1
+    return hist
