@@ -49,7 +49,7 @@ def pack_codes(codes: torch.Tensor, bits: float, group: int) -> torch.Tensor:
         g = torch.zeros(n, d // group, nb * 5, dtype=torch.int32, device=codes.device)
         g[..., :group] = c.reshape(n, d // group, group)
         w = torch.tensor(_POW3, dtype=torch.int32, device=codes.device)
-        return (g.reshape(n, d // group, nb, 5) * w).sum(-1).reshape(n, -1).to(torch.uint8)
+        return (g.reshape(n, d // group, nb, 5) * w).sum(-1).reshape(n, (d // group) * nb).to(torch.uint8)
     b = int(bits)
     per = 8 // b
     shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * b
@@ -74,11 +74,11 @@ def unpack_codes(packed: torch.Tensor, bits: float, group: int, d: int) -> torch
 def _meta_bytes(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """[N, nG] fp16 scale/zero -> [N, nG*4] uint8 (scale, zero little-endian per group)."""
     sz = torch.stack([scale, zero], dim=-1).contiguous()  # [N, nG, 2] fp16
-    return sz.view(torch.uint8).reshape(scale.shape[0], -1)
+    return sz.view(torch.uint8).reshape(scale.shape[0], scale.shape[1] * 4)
 
 
 def _meta_from_bytes(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    sz = b.contiguous().view(torch.float16).reshape(b.shape[0], -1, 2)
+    sz = b.contiguous().view(torch.float16).reshape(b.shape[0], b.shape[1] // 4, 2)
     return sz[..., 0], sz[..., 1]
 
 
@@ -133,7 +133,7 @@ def dequantize_slots(slots: torch.Tensor, fmt: KVSlotFormat, k_perm: torch.Tenso
     """
     t, h, _ = slots.shape
     d = fmt.head_dim
-    flat = slots.reshape(t * h, -1)
+    flat = slots.reshape(t * h, slots.shape[-1])
     res = []
     for perm, bits, g, off, moff, nbytes in (
             (k_perm, fmt.k_bits, fmt.k_group, fmt.k_off, fmt.k_meta_off, fmt.k_code_bytes),

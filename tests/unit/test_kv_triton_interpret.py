@@ -1,0 +1,127 @@
+"""Triton KV kernels under ``TRITON_INTERPRET=1`` on tiny shapes (CPU): store bit-exact vs the reference, decode
+vs the fp32 reference over the same packed pages, batched vs per-request.
+
+The interpreter must be enabled before triton is imported, so each case runs this file in a subprocess
+(``python tests/unit/test_kv_triton_interpret.py <case>``); the checks themselves live in ``_case_*``.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CASES = ["store", "decode", "prefill"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_triton_interpret(case):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, __file__, case], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"case {case} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert f"OK {case}" in r.stdout
+
+
+# ---- cases (run in the subprocess) -----------------------------------------------------------------------------
+# shape grid: every tuple names its edge case
+FORMATS = [  # (name, D, k_bits, v_bits, k_group, v_group)
+    ("K2V1.5-D64", 64, 2, 1.5, 32, 64),
+    ("K4V2-D32", 32, 4, 2, 16, 32),
+    ("K8V4-D16", 16, 8, 4, 16, 8),
+    ("K4V1.5-D48-g24-3groups", 48, 4, 1.5, 16, 24),
+]
+
+
+def _case_store():
+    import torch
+    from mxserve_kernels.attention import kv_store, reference as R
+    from mxserve_kernels.attention.kv_format import KVSlotFormat
+    for name, d, kb, vb, kg, vg in FORMATS:
+        fmt = KVSlotFormat(d, k_bits=kb, v_bits=vb, k_group=kg, v_group=vg)
+        for t, h, p in [(1, 1, 4), (7, 3, 4), (5, 2, 16)]:  # T=1; odd T and H; T < P
+            torch.manual_seed(t * 31 + h)
+            npg = 2 + (t + p - 1) // p
+            k = (torch.randn(t, h, d) * 3).to(torch.float16)
+            v = torch.randn(t, h, d, dtype=torch.float16)
+            kp = torch.stack([torch.randperm(d) for _ in range(h)]).to(torch.int32)
+            slots = torch.randperm(npg * p)[:t]
+            if t > 2:
+                slots[1] = -1
+            for perm in (None, kp):
+                a = torch.zeros(npg, p, h, fmt.slot_bytes, dtype=torch.uint8)
+                b = a.clone()
+                R.store_kv(a, k, v, slots, fmt, perm, None, 0.93, 1.0)
+                kv_store.store_kv(b, k, v, slots, fmt, perm, None, 0.93, 1.0)
+                assert torch.equal(a, b), f"store mismatch {name} t={t} h={h} perm={perm is not None}"
+    print("OK store")
+
+
+def _case_decode():
+    import torch
+    from mxserve_kernels.attention import decode, reference as R
+    from mxserve_kernels.attention.kv_format import KVSlotFormat
+    from tests.tolerances import ATTENTION
+    for name, d, kb, vb, kg, vg in FORMATS[:3]:
+        fmt = KVSlotFormat(d, k_bits=kb, v_bits=vb, k_group=kg, v_group=vg)
+        # (lens, H, Hq, P): a 1-token request, an empty packed range, lengths not multiple of P, GQA 3
+        for lens, h, hq, p in [([1, 13, 0], 2, 6, 4), ([9], 1, 1, 8)]:
+            torch.manual_seed(len(lens) + h)
+            b = len(lens)
+            maxp = max(1, max((n + p - 1) // p for n in lens))
+            pages = torch.randperm(b * maxp + 2)[: b * maxp].reshape(b, maxp).to(torch.int32)
+            cache = torch.zeros(b * maxp + 2, p, h, fmt.slot_bytes, dtype=torch.uint8)
+            kperm = torch.stack([torch.randperm(d) for _ in range(h)]).to(torch.int32)
+            vperm = torch.stack([torch.randperm(d) for _ in range(h)]).to(torch.int32)
+            for i, n in enumerate(lens):
+                pos = torch.arange(n)
+                R.store_kv(cache, torch.randn(n, h, d), torch.randn(n, h, d), pages[i][pos // p].long() * p + pos % p,
+                           fmt, kperm, vperm)
+            q = torch.randn(b, hq, d)
+            nf = torch.tensor([1, 2, 0][:b], dtype=torch.int32) if b > 1 else torch.tensor([1], dtype=torch.int32)
+            fk, fv = torch.randn(b, 2, h, d), torch.randn(b, 2, h, d)
+            lo = torch.tensor([min(1, n) for n in lens], dtype=torch.int32)
+            hi = torch.tensor(lens, dtype=torch.int32)
+            ref = R.paged_decode_attention(q, cache, pages, lo, hi, fk, fv, nf, fmt, 0.3, kperm, vperm)
+            for ns in (1, 3):
+                out = decode.paged_decode_attention(q, cache, pages, lo, hi, fk, fv, nf, fmt, 0.3, kperm, vperm,
+                                                    num_splits=ns, block_n=4)
+                torch.testing.assert_close(out, ref, **ATTENTION[torch.float32], msg=f"{name} {lens} ns={ns}")
+                if b > 1:  # batched vs per-request
+                    one = decode.paged_decode_attention(q[1:2], cache, pages[1:2], lo[1:2], hi[1:2], fk[1:2],
+                                                        fv[1:2], nf[1:2], fmt, 0.3, kperm, vperm, num_splits=ns,
+                                                        block_n=4)
+                    torch.testing.assert_close(out[1:2], one, **ATTENTION[torch.float32])
+    print("OK decode")
+
+
+def _case_prefill():
+    import torch
+    from mxserve_kernels.attention import prefill, reference as R
+    from mxserve_kernels.attention.kv_format import KVSlotFormat
+    from tests.tolerances import ATTENTION
+    fmt = KVSlotFormat(32, k_bits=2, v_bits=1.5, k_group=16, v_group=32)
+    h, hq, p = 2, 4, 4
+    ctx = [5, 0, 8]
+    new = [3, 4, 1]
+    b = len(ctx)
+    pages = torch.arange(b * 4, dtype=torch.int32).reshape(b, 4).flip(0).contiguous()
+    cache = torch.zeros(b * 4, p, h, fmt.slot_bytes, dtype=torch.uint8)
+    for i, n in enumerate(ctx):
+        pos = torch.arange(n)
+        R.store_kv(cache, torch.randn(n, h, 32), torch.randn(n, h, 32), pages[i][pos // p].long() * p + pos % p, fmt)
+    t = sum(new)
+    q, k, v = torch.randn(t, hq, 32), torch.randn(t, h, 32), torch.randn(t, h, 32)
+    cu = torch.tensor([0, 3, 7, 8], dtype=torch.int32)
+    cl = torch.tensor(ctx, dtype=torch.int32)
+    ref = R.paged_prefill_attention(q, k, v, cu, cl, cache, pages, fmt, 0.2)
+    out = prefill.paged_prefill_attention(q, k, v, cu, cl, cache, pages, fmt, 0.2)
+    torch.testing.assert_close(out, ref, **ATTENTION[torch.float32])
+    print("OK prefill")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    {"store": _case_store, "decode": _case_decode, "prefill": _case_prefill}[sys.argv[1]]()
