@@ -78,13 +78,13 @@ def quantize_nested(w: torch.Tensor, scheme: WeightScheme, col_weight: torch.Ten
     se, ze = expand(s, g), expand(z, g)
     base_q, _, val = nested_quantize_values(wf, se, ze, [])
     deq = {NESTED_BASE_BITS: val.clone()}
-    out = {"qweight": pack_codes(base_q.cpu(), NESTED_BASE_BITS), "scales": s.to(sd).cpu(), "zeros": z.to(sd).cpu()}
+    out = {"qweight": pack_codes(base_q, NESTED_BASE_BITS).cpu(), "scales": s.to(sd).cpu(), "zeros": z.to(sd).cpu()}
     for p in range(NESTED_BASE_BITS + 1, NESTED_MAX_BITS + 1):
         resid = wf - val
         ps = _plane_scale(resid, g, sd, col_weight)
         bit = (resid >= 0).to(torch.uint8)
         val = val + (bit.float() * 2 - 1) * expand(ps, g)
-        out[f"plane{p}_weight"] = pack_codes(bit.cpu(), 1)
+        out[f"plane{p}_weight"] = pack_codes(bit, 1).cpu()
         out[f"plane{p}_scales"] = ps.to(sd).cpu()
         deq[p] = val.clone()
     return out, deq

@@ -111,11 +111,13 @@ def search_clip(w: torch.Tensor, scheme: WeightScheme, col_weight: torch.Tensor 
 
 
 def pack(scheme: WeightScheme, codes: torch.Tensor, params: GroupParams) -> dict[str, torch.Tensor]:
-    """Canonical checkpoint tensors of one [N, K] weight (names from ``formats.tensor_names``), on CPU."""
+    """Canonical checkpoint tensors of one [N, K] weight (names from ``formats.tensor_names``), on CPU.
+
+    Packing runs on the codes' device (fast on GPU), results are moved to CPU."""
     if codes.dim() != 2:
         raise ValueError(f"pack: expected [N, K] codes, got {list(codes.shape)}")
     sd = scale_torch_dtype(scheme)
-    out = {"qweight": pack_codes(codes.cpu(), scheme.bits), "scales": params.scales.to(sd).cpu().contiguous()}
+    out = {"qweight": pack_codes(codes, scheme.bits).cpu(), "scales": params.scales.to(sd).cpu().contiguous()}
     if not scheme.symmetric:
         out["zeros"] = params.zeros.to(sd).cpu().contiguous()
     return out

@@ -1,0 +1,264 @@
+"""``quantize_checkpoint``: HF bf16 MoE checkpoint -> mxmoe mixed-precision checkpoint (the library behind
+``mxserve quantize``).
+
+Pipeline: validate (arch, shapes, group size, budget) -> calibration tokens -> [mixed plans only] pass 1 over
+layers with full-precision inputs: router statistics + sensitivity of every (layer, expert, block, candidate)
+-> exact MILP allocation -> pass 2 over layers with quantized inputs (sequential GPTQ): quantize with the chosen
+schemes, stream tensors to an atomic writer -> config.json with ``quantization_config``.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mxserve.checkpoint.reader import HFCheckpoint
+from mxserve.checkpoint.writer import AtomicCheckpointWriter
+from mxserve.config.quant_config import ExpertPlan, MxMoEConfig
+from mxserve.quant.allocator import BitPlan, allocate, average_bits, uniform_scheme
+from mxserve.quant.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, calibration_ids
+from mxserve.quant.expert_quant import QuantOptions, quantize_stack, split_rows
+from mxserve.quant.gptq.driver import LayerDriver
+from mxserve.quant.router_stats import RouterStats
+from mxserve.quant.sensitivity import block_errors
+from mxserve_kernels.formats import BF16, INT_BITS, WeightScheme
+from mxserve_kernels.moe.cost import expert_gemm_time_us
+
+QUANT_VERSION = "1"
+SERVING_BATCH_TOKENS = 256
+
+
+def candidate_schemes(group_size: int, nested: bool) -> list[WeightScheme]:
+    """Allocator candidates: int2/3/4/8 asym at ``group_size`` (nested: the int2-base prefixes 2, 3, 4)."""
+    if nested:
+        return [WeightScheme(b, group_size, nested=True) for b in (2, 3, 4)]
+    return [WeightScheme(b, group_size) for b in INT_BITS]
+
+
+def _progress(it, desc: str, on: bool):
+    from tqdm import tqdm
+    return tqdm(it, desc=desc, disable=not on, dynamic_ncols=True)
+
+
+class _Job:
+    """State of one quantization run (kept out of the public function for readability)."""
+
+    def __init__(self, ckpt: HFCheckpoint, opts: QuantOptions, cands, attn_scheme, shared_scheme, device, progress):
+        self.ckpt, self.opts, self.cands = ckpt, opts, cands
+        self.arch = ckpt.arch
+        self.geo = ckpt.geometry
+        self.attn_scheme, self.shared_scheme = attn_scheme, shared_scheme
+        self.device, self.progress = device, progress
+        self.stats = RouterStats()
+
+    # ---- names ----------------------------------------------------------------------------------------------
+    def dense_targets(self, layer_mod, l: int) -> dict[str, tuple[str, WeightScheme]]:
+        """{in-memory linear name (relative to the layer): (hub module name, scheme)} for non-bf16 dense linears."""
+        out = {}
+        pre = self.arch.layer_prefix(l)
+        for name, mod in layer_mod.named_modules():
+            if not isinstance(mod, torch.nn.Linear):
+                continue
+            if name.startswith("self_attn."):
+                scheme = self.attn_scheme
+            elif name.startswith("mlp.") and name.rsplit(".", 1)[-1] in (self.arch.gate, self.arch.up, self.arch.down):
+                scheme = self.shared_scheme    # shared expert, or the MLP of a dense layer
+            else:
+                continue                        # router, shared-expert gate: stay bf16
+            if scheme is None or scheme.bits == 16:
+                continue
+            hub = f"{pre}.{name}".replace(".mlp.", f".{self.arch.moe}.", 1)
+            scheme.check_shape(mod.out_features, mod.in_features, hub)
+            out[name] = (hub, scheme)
+        return out
+
+    def is_moe(self, layer_mod) -> bool:
+        return hasattr(getattr(layer_mod, "mlp", None), "experts")
+
+    # ---- pass 1 ---------------------------------------------------------------------------------------------
+    def sensitivity(self, drv: LayerDriver, r: float) -> tuple[dict, dict, dict]:
+        sens, numel, times = {}, {}, {}
+        for l in _progress(range(self.geo["layers"]), "sensitivity", self.progress):
+            layer = drv.open_layer(l)
+            if self.is_moe(layer):
+                data = drv.collect(l, [], hessians=self.opts.method == "gptq")
+                ex = layer.mlp.experts
+                e = ex.gate_up_proj.shape[0]
+                self.stats.update(l, data.topk_idx, e)
+                gu, dn = ex.gate_up_proj.float(), ex.down_proj.float()
+                per = {}
+                for s in self.cands:
+                    qgu, _ = quantize_stack(gu, data.h_gate_up, s, self.opts, want_tensors=False)
+                    qdn, _ = quantize_stack(dn, data.h_down, s, self.opts, want_tensors=False)
+                    per[s.name] = block_errors(data.h, data.topk_idx, data.topk_w, gu, dn, qgu, qdn, ex.act_fn)
+                    del qgu, qdn
+                m = self.stats.tokens_per_expert(l, SERVING_BATCH_TOKENS)
+                two_i, hid = gu.shape[1], gu.shape[2]
+                for x in range(e):
+                    for j, blk in enumerate(("gate_up", "down")):
+                        key = (l, x, blk)
+                        sens[key] = {n: float(v[x, j]) for n, v in per.items()}
+                        numel[key] = two_i * hid if blk == "gate_up" else hid * (two_i // 2)
+                        nk = (two_i, hid) if blk == "gate_up" else (hid, two_i // 2)
+                        if r > 0:
+                            times[key] = {s.name: expert_gemm_time_us(s.name, m[x], *nk) for s in self.cands}
+                del data
+            drv.advance(l, recompute=False)
+            drv.close_layer(l)
+        return sens, numel, times
+
+    # ---- pass 2 ---------------------------------------------------------------------------------------------
+    def quantize(self, drv: LayerDriver, plan: BitPlan, writer: AtomicCheckpointWriter) -> dict[str, WeightScheme]:
+        modules: dict[str, WeightScheme] = {}
+        a = self.arch
+        for l in _progress(range(self.geo["layers"]), "quantize", self.progress):
+            layer = drv.open_layer(l)
+            dense = self.dense_targets(layer, l)
+            need_h = self.opts.method == "gptq"
+            moe = self.is_moe(layer)
+            data = drv.collect(l, list(dense), hessians=need_h)
+            if moe and l not in self.stats.counts:
+                self.stats.update(l, data.topk_idx, layer.mlp.experts.gate_up_proj.shape[0])
+            written: set[str] = set()
+            for name, (hub, scheme) in dense.items():
+                mod = dict(layer.named_modules())[name]
+                hh = data.dense_h.get(name)
+                dq, tens = quantize_stack(mod.weight.float().unsqueeze(0), None if hh is None else hh.unsqueeze(0),
+                                          scheme, self.opts)
+                self._write(writer, hub, tens[0])
+                drv.set_dense_weight(l, name, dq[0])
+                modules[hub] = scheme
+                written.add(hub)
+            if moe:
+                ex = layer.mlp.experts
+                e = ex.gate_up_proj.shape[0]
+                gu_s, dn_s = plan.layer_schemes(l, e)
+                new_gu = ex.gate_up_proj.float().clone()
+                new_dn = ex.down_proj.float().clone()
+                inter = ex.down_proj.shape[2]
+                for blk, schemes, w, hh, new in (("gate_up", gu_s, ex.gate_up_proj, data.h_gate_up, new_gu),
+                                                 ("down", dn_s, ex.down_proj, data.h_down, new_dn)):
+                    for s in sorted(set(schemes), key=lambda s: s.name):
+                        sel = [x for x in range(e) if schemes[x] == s]
+                        dq, tens = quantize_stack(w[sel].float(), None if hh is None else hh[sel], s, self.opts)
+                        new[sel] = dq.to(new.dtype)
+                        for x, t in zip(sel, tens):
+                            if blk == "gate_up":
+                                tg, tu = split_rows(t, inter)
+                                self._write(writer, a.expert_proj(l, x, "gate"), tg)
+                                self._write(writer, a.expert_proj(l, x, "up"), tu)
+                            else:
+                                self._write(writer, a.expert_proj(l, x, "down"), t)
+                for x in range(e):
+                    written.update(a.expert_proj(l, x, w) for w in ("gate", "up", "down"))
+                drv.set_expert_weights(l, new_gu, new_dn)
+            for name in self.ckpt.non_linear_names(l):
+                if name.rsplit(".", 1)[0] not in written:
+                    writer.add(name, self.ckpt.tensor(name))
+            del data
+            drv.advance(l, recompute=True)
+            drv.close_layer(l)
+        return modules
+
+    @staticmethod
+    def _write(writer: AtomicCheckpointWriter, module: str, tensors: dict[str, torch.Tensor]) -> None:
+        for suffix, t in tensors.items():
+            stream = suffix.split("_", 1)[0] if suffix.startswith("plane") else "main"
+            writer.add(f"{module}.{suffix}", t, stream=stream)
+
+
+def validate(ckpt: HFCheckpoint, group_size: int) -> None:
+    """Reject already-quantized sources and expert shapes the group size cannot tile (error names the module)."""
+    if ckpt.quant is not None:
+        raise ValueError(f"{ckpt.path}: already an mxmoe-quantized checkpoint (quantize the bf16 source)")
+    g, a = ckpt.geometry, ckpt.arch
+    probe = WeightScheme(2, group_size)
+    probe.check_shape(g["inter"], g["hidden"], f"{a.expert_proj(0, 0, 'gate')}")
+    probe.check_shape(g["hidden"], g["inter"], f"{a.expert_proj(0, 0, 'down')}")
+    for x in range(g["experts"]):
+        for w in ("gate", "up", "down"):
+            if not ckpt.has(f"{a.expert_proj(0, x, w)}.weight"):
+                raise ValueError(f"{ckpt.path}: tensor {a.expert_proj(0, x, w)}.weight is missing")
+
+
+def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str = "gptq", nested: bool = False,
+                        attn_bits: int | None = None, group_size: int = 128, uniform: bool = False, seed: int = 0,
+                        device=None, progress: bool = True, shared_bits: int | None = None,
+                        seq_len: int = DEFAULT_SEQ_LEN, n_samples: int = DEFAULT_SAMPLES, cost_weight: float = 0.0,
+                        clip_search: bool = False, force: bool = False) -> dict:
+    """Quantize an HF MoE checkpoint; writes ``dst`` atomically and returns a summary dict.
+
+    Args:
+        bits: average bits per expert weight, metadata included (e.g. 2.25, 3.25).
+        calib: calibration .txt/.jsonl, HF dataset name, or None for synthetic tokens (timing only).
+        method: "gptq" or "rtn". nested: MWQ int2 base + planes; the plan picks each block's runtime prefix.
+        attn_bits / shared_bits: fixed int bits for attention / shared-expert (and dense-MLP) linears; None = bf16.
+        uniform: every expert block at the candidate nearest the budget (baseline), no sensitivity pass.
+        cost_weight: r in the allocator objective (0 = accuracy only); kernel times from mxserve_kernels cost model.
+        device: "cpu", "cuda", ... (default: cuda when available).
+    Returns:
+        summary: {"dst", "avg_bits", "histogram", "timings", ...} (also stored under quantization_config.meta).
+    """
+    t0 = time.time()
+    torch.manual_seed(seed)
+    opts = QuantOptions(method=method, clip_search=clip_search)
+    ckpt = HFCheckpoint(src)
+    validate(ckpt, group_size)
+    cands = candidate_schemes(group_size, nested)
+    if uniform:
+        uni = uniform_scheme(cands, bits)
+    else:
+        uniform_scheme(cands, bits)  # budget check before any work
+    attn_scheme = WeightScheme(attn_bits, group_size) if attn_bits and attn_bits != 16 else None
+    shared_scheme = WeightScheme(shared_bits, group_size) if shared_bits and shared_bits != 16 else None
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ids, calib_info = calibration_ids(calib, ckpt.path, ckpt.config["vocab_size"], seq_len=seq_len,
+                                      n_samples=n_samples, seed=seed)
+    job = _Job(ckpt, opts, cands, attn_scheme, shared_scheme, device, progress)
+    timings = {}
+    geo = ckpt.geometry
+    with AtomicCheckpointWriter(dst, force=force) as writer:
+        t = time.time()
+        drv = LayerDriver(ckpt, ids, device)
+        blocks_numel = {}
+        for l in range(geo["layers"]):
+            for x in range(geo["experts"]):
+                blocks_numel[(l, x, "gate_up")] = 2 * geo["inter"] * geo["hidden"]
+                blocks_numel[(l, x, "down")] = geo["inter"] * geo["hidden"]
+        if uniform:
+            schemes = {b: uni for b in blocks_numel}
+            plan = BitPlan(schemes, average_bits(schemes, blocks_numel), 0.0, "uniform", 0.0)
+        else:
+            drv.start()
+            sens, numel, times = job.sensitivity(drv, cost_weight)
+            timings["sensitivity_s"] = round(time.time() - t, 2)
+            t = time.time()
+            plan = allocate(sens, numel, cands, bits, time_us=times or None, r=cost_weight)
+            # dense layers (no experts) have no blocks in the plan
+            blocks_numel = numel
+            timings["allocate_s"] = round(time.time() - t, 2)
+        t = time.time()
+        drv.start()
+        modules = job.quantize(drv, plan, writer)
+        timings["quantize_s"] = round(time.time() - t, 2)
+        for name in ckpt.non_linear_names():
+            if not name.startswith("model.layers."):
+                writer.add(name, ckpt.tensor(name))
+        hist: dict[str, int] = {}
+        for s in plan.schemes.values():
+            hist[s.name] = hist.get(s.name, 0) + 1
+        timings["total_s"] = round(time.time() - t0, 2)
+        experts = {}
+        for l in sorted({k[0] for k in plan.schemes}):
+            gu, dn = plan.layer_schemes(l, geo["experts"])
+            experts[ckpt.arch.experts_prefix(l)] = ExpertPlan(tuple(gu), tuple(dn))
+        meta = {"quant_version": QUANT_VERSION, "method": method, "nested": nested, "uniform": uniform,
+                "target_bits": bits, "avg_bits": round(plan.avg_bits, 6), "group_size": group_size,
+                "calibration": calib_info, "seed": seed, "timings": timings, "device": str(device),
+                "allocator": {"status": plan.status, "mip_gap": plan.mip_gap, "cost_weight": cost_weight},
+                "histogram": hist, "router_stats": job.stats.to_dict()}
+        qc = MxMoEConfig(default_scheme=BF16, modules=modules, experts=experts, meta=meta)
+        config = dict(ckpt.config, quantization_config=qc.to_dict())
+        writer.commit(config, copy_from=ckpt.path)
+    return {"dst": str(dst), "avg_bits": plan.avg_bits, "histogram": hist, "timings": timings,
+            "calibration": calib_info, "allocator": meta["allocator"]}
