@@ -15,7 +15,7 @@ from mxserve_kernels.moe.routing import Route
 try:  # importable without Triton; the op then raises a clear error when called
     import triton
 
-    from mxserve_kernels.moe.grouped_gemm_kernels import grouped_gemm_kernel
+    from mxserve_kernels.moe import grouped_gemm_kernels as _kernels  # attribute lookup at launch: tests may reload
     HAS_TRITON = True
 except Exception:  # pragma: no cover - environment without triton
     HAS_TRITON = False
@@ -43,7 +43,7 @@ def grouped_gemm_op(x: torch.Tensor, qw: torch.Tensor, pw: torch.Tensor, meta: t
     out = alloc((out_rows, n), dtype=x.dtype, device=x.device)
     m_blocks = triton.cdiv(num_valid, block_m) if dense else block_expert.numel()
     grid = (m_blocks, triton.cdiv(n, block_n))
-    grouped_gemm_kernel[grid](
+    _kernels.grouped_gemm_kernel[grid](
         x, out, qw, pw, meta, wbf, einfo, sorted_ids, block_expert, num_post, topk_w,
         n, k, wcols, n_up, x.stride(0), out.stride(0), a_div, num_valid,
         MODE=mode, DENSE=dense, NFIELDS=NFIELDS, IS_FP32=x.dtype == torch.float32 or not x.is_cuda,

@@ -1,0 +1,77 @@
+"""Triton kernels under TRITON_INTERPRET=1 on CPU, tiny shapes with named edge cases. Not collected by the main
+session (no ``test_`` prefix): ``test_kernels_moe.test_triton_kernels_under_interpreter`` runs it in a subprocess."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mxserve_kernels.formats import WeightScheme
+from mxserve_kernels.moe import fused_moe, prepare_experts
+from mxserve_kernels.moe import reference as moe_ref
+from mxserve_kernels.quant import dequant_linear, prepare_linear
+from mxserve_kernels.quant import reference as qref
+from mxserve_kernels._common.synth import random_canonical
+from tests.tolerances import BIT_EXACT, GROUPED_GEMM_REL_MEAN, rel_mean_err
+from tests.unit._kernel_cases import make_experts, make_routing
+from tests.unit.test_kernels_moe import ALL_SCHEMES
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("run with TRITON_INTERPRET=1 (see test_kernels_moe.py)", allow_module_level=True)
+
+
+# (case name, T, K, schemes, H, I, routing kind, dtype, expert_map)
+GRID = [
+    ("T=1_topk=1", 1, 1, ["int4_g32_asym", "int2_g32_asym"], 64, 32, "random", torch.float32, False),
+    ("mixed_all_kinds_T<block", 5, 3, ALL_SCHEMES[:8], 64, 64, "random", torch.float32, False),
+    ("all_tokens_on_expert0", 17, 2, ["int3_g32_asym", "int8_g32_sym_fp16", "bf16"], 64, 32, "one_expert",
+     torch.float32, False),
+    ("empty_experts_non_pow2", 9, 2, ["int4_g32_asym", "int2_g32_asym_nested3"] * 3, 96, 96, "skip_half",
+     torch.float32, False),
+    ("topk=E", 3, 4, ["int2_g32_asym", "int4_g128_sym", "bf16", "int3_g64_sym"], 128, 128, "random", torch.float32,
+     False),
+    # fp16, not bf16: the interpreter truncates fp32 -> bf16 (a ~1% bias); bf16 runs in the GPU tier
+    ("fp16_activations", 4, 2, ["int4_g32_asym", "int8_g64_asym", "bf16"], 64, 64, "random", torch.float16, False),
+    ("expert_map", 6, 2, ["int4_g32_asym", "int2_g32_asym", "bf16"], 64, 32, "random", torch.float32, True),
+]
+
+
+@pytest.mark.parametrize("case", GRID, ids=[c[0] for c in GRID])
+def test_fused_moe_triton_interpreter(case):
+    _, t, k, schemes, h, i, kind, dtype, use_map = case
+    e_local = len(schemes)
+    e_global = 2 * e_local if use_map else e_local
+    gate_up, down = make_experts(schemes, hidden=h, inter=i)
+    w = prepare_experts(gate_up, down, hidden=h, inter=i)
+    tw, ids = make_routing(t, k, e_global, kind)
+    emap = None
+    if use_map:  # even global ids live here as local id/2, odd ones are on another rank
+        emap = torch.tensor([g // 2 if g % 2 == 0 else -1 for g in range(e_global)])
+    x = torch.randn(t, h).to(dtype)
+    want = moe_ref.fused_moe(x.float(), w, tw, ids, expert_map=emap)
+    got = fused_moe(x, w, tw, ids, expert_map=emap)
+    assert got.dtype == dtype and got.shape == (t, h)
+    assert rel_mean_err(want, got.float()) < GROUPED_GEMM_REL_MEAN[dtype]
+
+
+@pytest.mark.parametrize("name", ALL_SCHEMES)
+def test_dequant_linear_in_kernel_dequant_bit_exact(name):
+    """x = identity (fp32, exact dot) makes the kernel output its dequantized W^T: compare to the canonical oracle."""
+    s = WeightScheme.parse(name)
+    t = random_canonical(s, 40, 128, generator=torch.Generator().manual_seed(1))
+    lw = prepare_linear(s, t, k=128)
+    eye = torch.eye(128)
+    got = dequant_linear(eye, lw)
+    torch.testing.assert_close(got.t(), qref.dequantize(s, t, 128), **BIT_EXACT)
+
+
+@pytest.mark.parametrize("m,dtype", [(1, torch.float32), (37, torch.float32), (5, torch.float16)])
+def test_dequant_linear_vs_reference(m, dtype):
+    s = WeightScheme.parse("int3_g32_asym")
+    lw = prepare_linear(s, random_canonical(s, 72, 96, generator=torch.Generator().manual_seed(2)), k=96)
+    x = torch.randn(m, 96).to(dtype)
+    bias = torch.randn(72)
+    got = dequant_linear(x, lw, bias)
+    want = qref.dequant_linear(x.float(), lw, bias)
+    assert got.dtype == dtype and rel_mean_err(want, got.float()) < GROUPED_GEMM_REL_MEAN[dtype]
