@@ -1,0 +1,201 @@
+"""``mxserve bench e2e``: vLLM end-to-end throughput / latency of mxmoe vs its peers, measured in the same run.
+
+Variants (random weights via ``--load-format dummy`` on config-only model directories, same geometry):
+  bf16; fp8 (``--quantization fp8``, online); gptq_w4 (GPTQ-Marlin W4 g128 sym on attention + experts);
+  mxmoe_w4 (int4 g128 asym on attention + experts); mxmoe_mix25 (experts 75% int2 / 25% int3 g128 asym = 2.5 bits
+  with metadata, attention int4).
+Per variant and batch size B: ``vllm bench throughput --max-num-seqs B`` (output tok/s); once per variant
+``vllm bench latency --batch-size 1 --output-len 1`` (TTFT proxy: one prefill). Weight memory is parsed from vLLM's
+"Model loading took X GiB" log line. Writes ``--json`` and appends a markdown row per variant to ``--markdown``.
+
+Example (H200)::
+
+    mxserve bench e2e --preset qwen3-30b-a3b --layers 48 --out /tmp/e2e --json $OUT/e2e.json --markdown $OUT/e2e.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+
+VARIANTS = ("bf16", "fp8", "gptq_w4", "mxmoe_w4", "mxmoe_mix25")
+_TPUT_RE = re.compile(r"Throughput: ([\d.]+) requests/s, ([\d.]+) total tokens/s, ([\d.]+) output tokens/s")
+_MEM_RE = re.compile(r"Model loading took ([\d.]+) GiB")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks against vLLM peers measured in the same run")
+    sub = p.add_subparsers(dest="bench_command", metavar="BENCH")
+    e = sub.add_parser("e2e", help="vllm bench throughput/latency: bf16, fp8, GPTQ-Marlin W4, mxmoe W4, mxmoe 2.5b")
+    e.add_argument("--preset", default="qwen3-30b-a3b", help="model geometry from mxserve.models.tiny.PRESETS")
+    e.add_argument("--layers", type=int, default=48)
+    e.add_argument("--out", required=True, help="work directory for the config-only model directories and logs")
+    e.add_argument("--json", required=True, help="result JSON path (written atomically)")
+    e.add_argument("--markdown", default=None, help="append one markdown table row per variant here")
+    e.add_argument("--variants", default=",".join(VARIANTS))
+    e.add_argument("--batch-sizes", default="1,8,32,256")
+    e.add_argument("--input-len", type=int, default=128)
+    e.add_argument("--output-len", type=int, default=512)
+    e.add_argument("--min-prompts", type=int, default=8, help="num-prompts = max(min_prompts, 2*B)")
+    e.add_argument("--extra", default="", help="extra arguments for every vllm bench call (one string)")
+    e.add_argument("--dry-run", action="store_true", help="write the model directories and print the commands")
+    e.set_defaults(func=run)
+    p.set_defaults(func=lambda a: p.print_help() or 2)
+
+
+# ---- model directories -----------------------------------------------------------------------------------------
+def _attn_modules(layers: int, projs=("q_proj", "k_proj", "v_proj", "o_proj")) -> list[str]:
+    return [f"model.layers.{l}.self_attn.{p}" for l in range(layers) for p in projs]
+
+
+def mxmoe_plan(variant: str, layers: int, experts: int, seed: int = 0) -> dict:
+    """The quantization_config of an mxmoe benchmark variant (HF names, Qwen3-MoE layout)."""
+    rng = random.Random(seed)
+    if variant == "mxmoe_w4":
+        pick = lambda: "int4_g128_asym"  # noqa: E731
+    elif variant == "mxmoe_mix25":
+        pick = lambda: "int2_g128_asym" if rng.random() < 0.75 else "int3_g128_asym"  # noqa: E731
+    else:
+        raise ValueError(f"not an mxmoe variant: {variant!r}")
+    experts_plan = {}
+    for l in range(layers):
+        gu = [pick() for _ in range(experts)]
+        experts_plan[f"model.layers.{l}.mlp.experts"] = {"gate_up": gu, "down": [pick() for _ in range(experts)]}
+    return {"quant_method": "mxmoe", "version": 1, "default_scheme": "bf16",
+            "modules": {m: "int4_g128_asym" for m in _attn_modules(layers)}, "experts": experts_plan,
+            "kv": None, "offload": None, "meta": {"bench_variant": variant, "weights": "dummy"}}
+
+
+GPTQ_W4 = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False,
+           "modules_in_block_to_quantize": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                                            ["self_attn.o_proj"], ["mlp.experts"]]}
+
+
+def write_model_dirs(preset: str, layers: int, out: str, variants: list[str]) -> dict[str, str]:
+    """Config-only model directories (config.json + tokenizer) per variant; returns {variant: dir}."""
+    from mxserve.models.corpus import read_corpus
+    from mxserve.models.tiny import PRESETS, build_config
+    from mxserve.models.tokenizer import train_tokenizer
+    arch, kwargs = PRESETS[preset]
+    cfg = build_config(arch, dict(kwargs, num_hidden_layers=layers))
+    base = os.path.join(out, "bf16")
+    if not os.path.exists(os.path.join(base, "config.json")):
+        os.makedirs(base, exist_ok=True)
+        text, _ = read_corpus(max_bytes=1 << 20)
+        train_tokenizer(text, min(8192, cfg.vocab_size), base)
+        cfg.save_pretrained(base)
+    dirs = {}
+    for v in variants:
+        d = base if v in ("bf16", "fp8") else os.path.join(out, v)
+        if d != base:
+            os.makedirs(d, exist_ok=True)
+            for fn in os.listdir(base):
+                if fn != "config.json":
+                    with open(os.path.join(base, fn), "rb") as src, open(os.path.join(d, fn), "wb") as dst:
+                        dst.write(src.read())
+            c = json.load(open(os.path.join(base, "config.json")))
+            c["quantization_config"] = GPTQ_W4 if v == "gptq_w4" else mxmoe_plan(v, layers, c.get("num_experts") or c["num_local_experts"])
+            with open(os.path.join(d, "config.json.tmp"), "w") as f:
+                json.dump(c, f)
+            os.replace(os.path.join(d, "config.json.tmp"), os.path.join(d, "config.json"))
+        dirs[v] = d
+    return dirs
+
+
+# ---- runs --------------------------------------------------------------------------------------------------------
+def _vllm(args: list[str], log: str) -> str:
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    text = open(log).read()
+    if rc != 0:
+        raise RuntimeError(f"vllm bench failed (rc={rc}); log {log}:\n" + "".join(text.splitlines(True)[-40:]))
+    return text
+
+
+def _common(variant: str, d: str) -> list[str]:
+    q = {"fp8": ["--quantization", "fp8"], "gptq_w4": ["--quantization", "gptq_marlin"],
+         "mxmoe_w4": ["--quantization", "mxmoe"], "mxmoe_mix25": ["--quantization", "mxmoe"]}.get(variant, [])
+    return ["--model", d, "--load-format", "dummy", "--max-model-len", "4096", *q]
+
+
+def bench_variant(variant: str, d: str, a, logs: str) -> dict:
+    res: dict = {"variant": variant, "throughput": {}}
+    extra = a.extra.split() if a.extra else []
+    for b in [int(x) for x in a.batch_sizes.split(",")]:
+        n = max(a.min_prompts, 2 * b)
+        log = os.path.join(logs, f"{variant}-tput-b{b}.log")
+        text = _vllm(["throughput", *_common(variant, d), "--dataset-name", "random", "--random-input-len",
+                      str(a.input_len), "--random-output-len", str(a.output_len), "--num-prompts", str(n),
+                      "--max-num-seqs", str(b), *extra], log)
+        m = _TPUT_RE.search(text)
+        res["throughput"][b] = float(m.group(3)) if m else None
+        mem = _MEM_RE.search(text)
+        if mem:
+            res["weight_gib"] = float(mem.group(1))
+    lj = os.path.join(logs, f"{variant}-ttft.json")
+    _vllm(["latency", *_common(variant, d), "--batch-size", "1", "--input-len", str(a.input_len),
+           "--output-len", "1", "--num-iters-warmup", "3", "--num-iters", "10", "--output-json", lj, *extra],
+          os.path.join(logs, f"{variant}-ttft.log"))
+    res["ttft_ms"] = 1000 * json.load(open(lj))["avg_latency"]
+    return res
+
+
+def markdown_rows(results: list[dict], batch_sizes: list[int], label: str) -> str:
+    """Markdown table: output tok/s per batch size, min ratio vs GPTQ-Marlin W4 at B<=32, TTFT, weight memory."""
+    by = {r["variant"]: r for r in results}
+    gptq, bf16 = by.get("gptq_w4"), by.get("bf16")
+    head = ("| run | variant | " + " | ".join(f"tok/s B={b}" for b in batch_sizes)
+            + " | min vs GPTQ-W4 (B<=32) | TTFT ms | weights GiB | weights vs bf16 |\n|" + "---|" * (len(batch_sizes) + 6))
+    rows = []
+    for r in results:
+        t = r["throughput"]
+        ratios = [t[b] / gptq["throughput"][b] for b in batch_sizes
+                  if b <= 32 and gptq and t.get(b) and gptq["throughput"].get(b)]
+        wm, wb = r.get("weight_gib"), (bf16 or {}).get("weight_gib")
+        cells = [label, r["variant"], *(f"{t[b]:,.0f}" if t.get(b) else "-" for b in batch_sizes),
+                 f"{min(ratios):.2f}x" if ratios else "-", f"{r['ttft_ms']:.1f}" if "ttft_ms" in r else "-",
+                 f"{wm:.2f}" if wm else "-", f"{wm / wb:.2f}x" if wm and wb else "-"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return head + "\n" + "\n".join(rows) + "\n"
+
+
+def run(a) -> int:
+    if getattr(a, "bench_command", None) != "e2e":
+        raise ValueError("usage: mxserve bench e2e ...")
+    variants = [v for v in a.variants.split(",") if v]
+    bad = sorted(set(variants) - set(VARIANTS))
+    if bad:
+        raise ValueError(f"--variants: unknown {bad}; choose from {list(VARIANTS)}")
+    logs = os.path.join(a.out, "logs")
+    os.makedirs(logs, exist_ok=True)
+    dirs = write_model_dirs(a.preset, a.layers, a.out, variants)
+    if a.dry_run:
+        print(json.dumps(dirs, indent=1))
+        return 0
+    t0, results = time.time(), []
+    for v in variants:
+        results.append(bench_variant(v, dirs[v], a, logs))
+        print(json.dumps(results[-1]), flush=True)
+    label = f"{a.preset} L={a.layers} in{a.input_len}/out{a.output_len}"
+    out = {"preset": a.preset, "layers": a.layers, "input_len": a.input_len, "output_len": a.output_len,
+           "batch_sizes": [int(x) for x in a.batch_sizes.split(",")], "results": results,
+           "wall_s": time.time() - t0}
+    tmp = a.json + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(tmp, a.json)
+    md = markdown_rows(results, out["batch_sizes"], label)
+    print(md)
+    if a.markdown:
+        with open(a.markdown, "a") as f:
+            f.write(md)
+    return 0
