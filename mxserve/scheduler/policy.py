@@ -162,7 +162,7 @@ class Policy:
         return units
 
     def plan(self, state: Residency, layer: int, counts: np.ndarray, lookahead: dict[int, np.ndarray] | None = None,
-             window_us: float = math.inf, backlog_us: float = 0.0) -> PrefetchPlan:
+             window_us: float = math.inf, backlog_us: float = 0.0, demand: bool = True) -> PrefetchPlan:
         """Plan layer ``layer``'s demand loads and the look-ahead prefetch (``state`` is not modified).
 
         Args:
@@ -172,6 +172,7 @@ class Policy:
             lookahead: {layer: [E] predicted counts} for the next layers (only the first ``cfg.lookahead`` used).
             window_us: compute time that overlaps this layer's demand copies before it would stall.
             backlog_us: copy time already queued on the side stream.
+            demand: False plans the look-ahead prefetch only (``counts`` then only pins this layer's experts).
         Returns:
             the ``PrefetchPlan``.
         """
@@ -207,7 +208,7 @@ class Policy:
         # -- demand: this layer's missing planes ----------------------------------------------------------------
         t, deadline = backlog_us, window_us + cfg.max_stall_us
         capped: dict[int, int] = {}
-        for p, e in self._order(layer, counts, before):
+        for p, e in (self._order(layer, counts, before) if demand else ()):
             if e in capped:
                 continue
             dur = self.plane_bytes[p] / self.bytes_per_us
@@ -256,6 +257,8 @@ class Policy:
         # -- backfill: upper planes this layer ran without, for its next visit ------------------------------------
         if capped:
             background(layer, np.where(run_level < tgt, counts, 0))
+        if not demand:
+            return PrefetchPlan(layer=layer, ops=tuple(ops), run_level=run_level, hits=0, misses=0, degraded=0)
         hits = int((active & (before >= tgt)).sum())
         return PrefetchPlan(layer=layer, ops=tuple(ops), run_level=run_level, hits=hits,
                             misses=int(active.sum()) - hits, degraded=int((active & (run_level < tgt)).sum()))
