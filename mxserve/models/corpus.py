@@ -24,7 +24,7 @@ def read_corpus(max_bytes: int | None = None, heldout_every: int = 20) -> tuple[
             continue
         (held if i % heldout_every == heldout_every - 1 else train).append(txt)
         total += len(txt)
-        if max_bytes is not None and total >= max_bytes:
+        if max_bytes is not None and total >= max_bytes and held:
             break
     if not train or not held:
         raise FileNotFoundError("no Python standard-library sources found to build the local corpus")
