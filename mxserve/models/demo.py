@@ -60,7 +60,13 @@ def _unigram_loss(train_ids, heldout_ids, vocab: int) -> float:
 
 
 def _plot(losses: list[tuple[int, float]], evals: list[tuple[int, float]], unigram: float, path: pathlib.Path):
-    import matplotlib
+    """Loss curve PNG; skipped with a warning where matplotlib is missing (re-plot later with ``plot_log``)."""
+    try:
+        import matplotlib
+    except ImportError:
+        import warnings
+        warnings.warn(f"matplotlib is not installed: {path.name} not written (see train_log.json)")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -187,6 +193,12 @@ def train_demo_model(out_dir, *, preset: str = "cpu", device: str | None = None,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def plot_log(log_path, png_path) -> None:
+    """Re-draw the loss curve PNG from a ``train_log.json``."""
+    log = json.loads(pathlib.Path(log_path).read_text())
+    _plot(log["train_curve"], log["heldout_curve"], log["unigram_heldout_loss"], pathlib.Path(png_path))
 
 
 def ensure_demo_model(cache_dir: str | None = None, *, preset: str | None = None, progress: bool = True) -> pathlib.Path:
