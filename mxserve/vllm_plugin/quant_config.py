@@ -10,7 +10,8 @@ Lifecycle (../shared/docs/vllm-0.26.md §2):
        * ``MxLinearMethod`` for quantized ``LinearBase`` layers (fused q/k/v and gate/up shards must share a scheme),
        * ``UnquantizedLinearMethod`` for bf16 linears and routers (``...gate``, ``...shared_expert_gate``),
        * ``MxMoEMethod`` for ``RoutedExperts`` with a plan entry (``None`` -> vLLM's unquantized MoE otherwise),
-       * ``None`` for embeddings / lm_head (unquantized) and attention (unless the KV package provides a method).
+       * ``MxKVCacheMethod`` (kv package) for ``Attention`` when the plan has ``kv``; ``None`` otherwise and for
+         embeddings / lm_head (unquantized).
 """
 from __future__ import annotations
 
@@ -149,14 +150,17 @@ class MxMoEQuantConfig(QuantizationConfig):
         return self._kv_method(layer, prefix)
 
     def _kv_method(self, layer: torch.nn.Module, prefix: str):
-        """Delegate attention layers to the KV package when it is present and the plan has a ``kv`` section."""
+        """Attention layers get the KV package's ``MxKVCacheMethod`` when the plan has a ``kv`` section."""
         if self.cfg.kv is None:
             return None
-        try:
-            from mxserve.vllm_plugin.kv import get_kv_quant_method  # type: ignore[attr-defined]
-        except ImportError:
+        from vllm.model_executor.layers.attention import Attention
+        if not isinstance(layer, Attention):
             return None
-        return get_kv_quant_method(self, layer, prefix)
+        from mxserve.kvcache.config import KVQuantConfig
+        from mxserve.vllm_plugin.kv.method import MxKVCacheMethod
+        if getattr(self, "_kv_cfg", None) is None:
+            self._kv_cfg = KVQuantConfig.from_dict(self.cfg.kv)
+        return MxKVCacheMethod(self, self._kv_cfg, prefix)
 
     def __repr__(self) -> str:
         return (f"MxMoEQuantConfig(default={self.cfg.default_scheme.name}, modules={len(self.cfg.modules)}, "
