@@ -28,11 +28,22 @@ QUANT_VERSION = "1"
 SERVING_BATCH_TOKENS = 256
 
 
-def candidate_schemes(group_size: int, nested: bool) -> list[WeightScheme]:
-    """Allocator candidates: int2/3/4/8 asym at ``group_size`` (nested: the int2-base prefixes 2, 3, 4)."""
+def candidate_schemes(group_size: int, nested: bool, names: list[str] | None = None) -> list[WeightScheme]:
+    """Allocator candidates.
+
+    Default: int2/3/4/8 asym at ``group_size``; int2/int3 asym at half the group size (finer steps between the
+    integer widths); int2 symmetric (ternary, the only scheme below int2 asym's bits). Nested: the int2-base
+    prefixes 2, 3, 4. ``names`` overrides with explicit scheme names.
+    """
+    if names:
+        return [WeightScheme.parse(n) for n in names]
     if nested:
         return [WeightScheme(b, group_size, nested=True) for b in (2, 3, 4)]
-    return [WeightScheme(b, group_size) for b in INT_BITS]
+    out = [WeightScheme(b, group_size) for b in INT_BITS]
+    if group_size // 2 >= 32:
+        out += [WeightScheme(2, group_size // 2), WeightScheme(3, group_size // 2)]
+    out.append(WeightScheme(2, group_size, symmetric=True))
+    return sorted(out, key=lambda s: (s.bits_per_weight, s.name))
 
 
 def _progress(it, desc: str, on: bool):
@@ -181,11 +192,17 @@ def validate(ckpt: HFCheckpoint, group_size: int) -> None:
                 raise ValueError(f"{ckpt.path}: tensor {a.expert_proj(0, x, w)}.weight is missing")
 
 
+def validate_scheme(ckpt: HFCheckpoint, s: WeightScheme) -> None:
+    g, a = ckpt.geometry, ckpt.arch
+    s.check_shape(g["inter"], g["hidden"], f"{a.expert_proj(0, 0, 'gate')} ({s.name})")
+    s.check_shape(g["hidden"], g["inter"], f"{a.expert_proj(0, 0, 'down')} ({s.name})")
+
+
 def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str = "gptq", nested: bool = False,
                         attn_bits: int | None = None, group_size: int = 128, uniform: bool = False, seed: int = 0,
                         device=None, progress: bool = True, shared_bits: int | None = None,
                         seq_len: int = DEFAULT_SEQ_LEN, n_samples: int = DEFAULT_SAMPLES, cost_weight: float = 0.0,
-                        clip_search: bool = False, force: bool = False) -> dict:
+                        clip_search: bool = False, force: bool = False, candidates: list[str] | None = None) -> dict:
     """Quantize an HF MoE checkpoint; writes ``dst`` atomically and returns a summary dict.
 
     Args:
@@ -204,9 +221,11 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
     opts = QuantOptions(method=method, clip_search=clip_search)
     ckpt = HFCheckpoint(src)
     validate(ckpt, group_size)
-    cands = candidate_schemes(group_size, nested)
-    if uniform:
-        uni = uniform_scheme(cands, bits)
+    cands = candidate_schemes(group_size, nested, candidates)
+    for c in cands:
+        validate_scheme(ckpt, c)
+    if uniform:  # the baseline: plain asymmetric schemes at the requested group size only
+        uni = uniform_scheme([c for c in cands if not c.symmetric and c.group_size == group_size] or cands, bits)
     else:
         uniform_scheme(cands, bits)  # budget check before any work
     attn_scheme = WeightScheme(attn_bits, group_size) if attn_bits and attn_bits != 16 else None
