@@ -19,22 +19,24 @@ def random_canonical(scheme: WeightScheme, n: int, k: int, *, device="cpu", gene
     """
     from mxserve_kernels.quant.reference import pack_codes
 
+    gdev = generator.device if generator is not None else torch.device(device)
+
     def rnd(*shape):
-        return torch.randn(*shape, generator=generator)
+        return torch.randn(*shape, generator=generator, device=gdev)
 
     if scheme.bits == 16:
-        return {"weight": (rnd(n, k) * std).to(torch.bfloat16).to(device)}
+        return {"weight": (rnd(n, k) * std).to(device=device, dtype=torch.bfloat16)}
     scheme.check_shape(n, k)
     g, sd = scheme.group_size, _DT[scheme.scale_dtype]
     qb = NESTED_BASE_BITS if scheme.nested else scheme.bits
     lo = 1 if scheme.symmetric else 0
-    codes = torch.randint(lo, 1 << qb, (n, k), generator=generator)
+    codes = torch.randint(lo, 1 << qb, (n, k), generator=generator, device=gdev)
     scale = (rnd(n, k // g).abs() + 0.5) * (std * 4 / (1 << qb))
     out = {"qweight": pack_codes(codes, qb), "scales": scale.to(sd)}
     if not scheme.symmetric:
         out["zeros"] = (-(scale * ((1 << qb) - 1) / 2) + rnd(n, k // g) * std * 0.1).to(sd)
     if scheme.nested:
         for p in range(NESTED_BASE_BITS + 1, 5):
-            out[f"plane{p}_weight"] = pack_codes(torch.randint(0, 2, (n, k), generator=generator), 1)
+            out[f"plane{p}_weight"] = pack_codes(torch.randint(0, 2, (n, k), generator=generator, device=gdev), 1)
             out[f"plane{p}_scales"] = (scale / (1 << (p - 1))).to(sd)
     return {name: t.to(device) for name, t in out.items()}
