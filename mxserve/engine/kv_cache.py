@@ -73,8 +73,10 @@ class KVCache:
 
     def nbytes(self) -> int:
         """Bytes of stored K/V rows (live rows, not spare capacity)."""
-        per_row = self._k[0][0].numel() * self._k[0].element_size() if self._k else 0
-        return 2 * per_row * sum(self._len)
+        if not self._k:
+            return 0
+        kvh, d = self._k[0].shape[1:]
+        return 2 * kvh * d * self._k[0].element_size() * sum(self._len)
 
 
 class QuantizedKVCache(KVCache):

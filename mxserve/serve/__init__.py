@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server of the embedded engine (FastAPI + uvicorn + pydantic)."""
