@@ -1,0 +1,114 @@
+"""Tuning command (not a test): sweep launch configs of the grouped GEMM per model shape and token count, write
+``moe/configs/E=..,H=..,I=..,device_name=...json`` and the per-scheme cost table ``cost_table_<device>.json`` read
+by ``moe.cost.expert_gemm_time_us`` (the bit allocator's kernel cost model).
+
+    python -m mxserve_kernels.bench.tune_moe [--models qwen3-30b-a3b,mixtral-8x7b,...] [--quick]
+
+Writes are atomic. The serving path only reads these files (never autotunes).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+
+from mxserve_kernels._common import configs
+from mxserve_kernels.bench.bench_moe import SHAPES, TOKENS, _bench, build_ours
+from mxserve_kernels.moe import moe_align
+from mxserve_kernels.moe.grouped_gemm import MODE_DOWN, MODE_GATE_UP, grouped_gemm
+
+COST_SCHEMES = ("int2_g128_asym", "int3_g128_asym", "int4_g128_asym", "int8_g128_sym", "bf16")
+COST_M = (1, 4, 16, 64, 256, 1024)
+
+
+def candidates(rows_per_expert: float, quick: bool):
+    bms = [16] if rows_per_expert <= 4 else [16, 32, 64] if rows_per_expert <= 64 else [64, 128]
+    bns = [32, 64, 128] if not quick else [64, 128]
+    bks = [64, 128, 256] if not quick else [64, 128]
+    for bm, bn, bk, nw, ns in itertools.product(bms, bns, bks, (4, 8), (2, 3, 4)):
+        if bm * bk > 128 * 128 or (quick and ns == 2):
+            continue
+        yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+
+
+def tune_shape(model: str, tokens: list[int], quick: bool) -> dict:
+    shp = SHAPES[model]
+    e, h, i, k = shp["E"], shp["H"], shp["I"], shp["K"]
+    w = build_ours(["int4_g128_asym"], e, h, i)  # W4 is the tuning reference precision
+    table = {}
+    for t in tokens:
+        x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
+        tw, ids = torch.topk(torch.rand(t, e, device="cuda"), k, dim=-1)
+        tw = tw.float()
+        best = {}
+        hmid = torch.randn(t * k, i, device="cuda").to(torch.bfloat16)
+        for proj in ("w13", "w2"):
+            results = []
+            for cfg in candidates(t * k / e, quick):
+                route = moe_align(ids, e, cfg["BLOCK_M"])
+                if proj == "w13":
+                    fn = lambda: grouped_gemm(x, w.w13, cfg, mode=MODE_GATE_UP, route=route, a_div=k)  # noqa: E731
+                else:
+                    fn = lambda: grouped_gemm(hmid, w.w2, cfg, mode=MODE_DOWN, route=route,  # noqa: E731
+                                              topk_weights=tw)
+                try:
+                    results.append((_bench(fn, graph=True), cfg))
+                except Exception as exc:  # out of shared memory etc.
+                    print(f"  skip {cfg}: {type(exc).__name__}", file=sys.stderr)
+            best[proj] = min(results, key=lambda r: r[0])
+        # both projections must share BLOCK_M (one route): keep w13's BLOCK_M unless w2's pair is much better
+        bm = best["w13"][1]["BLOCK_M"]
+        if best["w2"][1]["BLOCK_M"] != bm:
+            best["w2"] = (best["w2"][0], dict(best["w2"][1], BLOCK_M=bm))
+        table[str(t)] = {"w13": best["w13"][1], "w2": best["w2"][1]}
+        print(f"{model} T={t}: w13 {best['w13'][0]:.1f}us {best['w13'][1]}  w2 {best['w2'][0]:.1f}us "
+              f"{best['w2'][1]}", flush=True)
+    path = os.path.join(configs.CONFIG_DIR, configs.config_filename({"E": e, "H": h, "I": i},
+                                                                    configs.device_name()))
+    configs.write_json_atomic(path, table)
+    return table
+
+
+def cost_table(n: int = 2048, kdim: int = 2048) -> dict:
+    """Measured single-expert GEMM time per scheme and M (dense path: one expert, M rows)."""
+    from mxserve_kernels._common.synth import random_canonical
+    from mxserve_kernels.formats import WeightScheme
+    from mxserve_kernels.quant import dequant_linear, prepare_linear
+    out = {"device": torch.cuda.get_device_name(), "schemes": {}}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for name in COST_SCHEMES:
+        s = WeightScheme.parse(name)
+        lw = prepare_linear(s, random_canonical(s, n, kdim, device="cuda", generator=g), k=kdim)
+        pts = []
+        for m in COST_M:
+            x = torch.randn(m, kdim, device="cuda").to(torch.bfloat16)
+            pts.append([m, n, kdim, _bench(lambda: dequant_linear(x, lw), graph=True)])
+        out["schemes"][name] = {"points": pts}
+        print(f"cost {name}: {[round(p[3], 1) for p in pts]}", flush=True)
+    slug = torch.cuda.get_device_name().replace(" ", "_").replace("/", "_")
+    configs.write_json_atomic(os.path.join(configs.CONFIG_DIR, f"cost_table_{slug}.json"), out)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(SHAPES))
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--quick", action="store_true", help="smaller search space")
+    ap.add_argument("--no-cost", action="store_true", help="skip the cost table")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_moe: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    for model in args.models.split(","):
+        tune_shape(model, [int(t) for t in args.tokens.split(",")], args.quick)
+    if not args.no_cost:
+        cost_table()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
