@@ -218,7 +218,9 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
     """
     t0 = time.time()
     torch.manual_seed(seed)
-    opts = QuantOptions(method=method, clip_search=clip_search)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # all experts of a layer in one batched GPTQ call on a GPU (fewer launches); smaller chunks on CPU
+    opts = QuantOptions(method=method, clip_search=clip_search, expert_chunk=128 if device.type == "cuda" else 32)
     ckpt = HFCheckpoint(src)
     validate(ckpt, group_size)
     cands = candidate_schemes(group_size, nested, candidates)
@@ -230,7 +232,6 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
         uniform_scheme(cands, bits)  # budget check before any work
     attn_scheme = WeightScheme(attn_bits, group_size) if attn_bits and attn_bits != 16 else None
     shared_scheme = WeightScheme(shared_bits, group_size) if shared_bits and shared_bits != 16 else None
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ids, calib_info = calibration_ids(calib, ckpt.path, ckpt.config["vocab_size"], seq_len=seq_len,
                                       n_samples=n_samples, seed=seed)
     job = _Job(ckpt, opts, cands, attn_scheme, shared_scheme, device, progress)
