@@ -105,6 +105,7 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._paused = False
         self.failed: str | None = None
         self.steps = 0
 
@@ -156,6 +157,13 @@ class Engine:
             self._cv.notify_all()
         self._update_gauges()
 
+    def pause(self, paused: bool = True) -> None:
+        """Stop (or resume) admitting and stepping sequences; aborts are still applied while paused (drain,
+        maintenance, deterministic tests)."""
+        with self._cv:
+            self._paused = paused
+            self._cv.notify_all()
+
     def abort(self, request_id: str) -> None:
         """Drop every sequence of ``request_id`` at the next step boundary (frees its slot and KV cache)."""
         with self._cv:
@@ -181,16 +189,17 @@ class Engine:
     def _serve_forever(self) -> None:
         while True:
             with self._cv:
-                while not self._stop and not (self._waiting or self._running or self._aborts):
+                while not self._stop and not self._aborts and (
+                        self._paused or not (self._waiting or self._running)):
                     self._cv.wait()
                 if self._stop:
                     break
                 self._apply_aborts()
-                while self._waiting and len(self._running) < self.max_num_seqs:
+                while self._waiting and len(self._running) < self.max_num_seqs and not self._paused:
                     seq = self._waiting.popleft()
                     seq.cache = self.model.new_cache(self.kv_cache_factory)
                     self._running.append(seq)
-                running = list(self._running)
+                running = [] if self._paused else list(self._running)
             self._update_gauges()
             if not running:
                 continue
@@ -207,7 +216,7 @@ class Engine:
         if not self._aborts:
             return
         ab, self._aborts = self._aborts, set()
-        gone = [s for s in self._running if s.request_id in ab]
+        gone = [s for s in list(self._running) + list(self._waiting) if s.request_id in ab]
         self._running = [s for s in self._running if s.request_id not in ab]
         self._waiting = deque(s for s in self._waiting if s.request_id not in ab)
         for s in gone:

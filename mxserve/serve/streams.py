@@ -59,18 +59,28 @@ class Collector:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
     async def outputs(self, request: Request | None = None) -> AsyncIterator[tuple[int, SeqOutput]]:
-        """Outputs until every choice finished; polls ``request`` for a disconnect while waiting."""
-        while self.remaining:
-            try:
-                out = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    raise ConnectionAbortedError("client disconnected")
-                continue
-            if out.finish_reason is not None:
-                self.remaining -= 1
-                self.completion_tokens += out.completion_tokens
-            yield self.sub[out.request_id] * self.prep.n + out.index, out
+        """Outputs until every choice finished; polls ``request`` for a disconnect while waiting (non-streamed
+        responses; a streamed response notices the disconnect itself and closes this iterator)."""
+        getter: asyncio.Future | None = None
+        try:
+            while self.remaining:
+                if request is None:
+                    out = await self.queue.get()
+                else:
+                    getter = getter or asyncio.ensure_future(self.queue.get())
+                    done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+                    if not done:
+                        if await request.is_disconnected():
+                            raise ConnectionAbortedError("client disconnected")
+                        continue
+                    out, getter = getter.result(), None
+                if out.finish_reason is not None:
+                    self.remaining -= 1
+                    self.completion_tokens += out.completion_tokens
+                yield self.sub[out.request_id] * self.prep.n + out.index, out
+        finally:
+            if getter is not None:
+                getter.cancel()
 
 
 def _tok(tokenizer, tid: int) -> str:
