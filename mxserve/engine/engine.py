@@ -200,17 +200,16 @@ class Engine:
                     seq.cache = self.model.new_cache(self.kv_cache_factory)
                     self._running.append(seq)
                 running = [] if self._paused else list(self._running)
+            if running:
+                try:
+                    self._step(running)
+                except Exception as e:  # a failed step fails its requests, never the server
+                    log.exception("engine step failed")
+                    with self._cv:
+                        self._running = [s for s in self._running if s not in running]
+                    for s in running:
+                        self._finish(s, "error", error=f"{type(e).__name__}: {e}")
             self._update_gauges()
-            if not running:
-                continue
-            try:
-                self._step(running)
-            except Exception as e:  # a failed step fails its requests, never the server
-                log.exception("engine step failed")
-                with self._cv:
-                    self._running = [s for s in self._running if s not in running]
-                for s in running:
-                    self._finish(s, "error", error=f"{type(e).__name__}: {e}")
 
     def _apply_aborts(self) -> None:
         if not self._aborts:

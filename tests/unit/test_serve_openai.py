@@ -3,6 +3,8 @@ stop sequences, n/seed, logprobs, error mapping, metrics. CPU, tiny random Qwen3
 from __future__ import annotations
 
 import json
+import pathlib
+import time
 
 import httpx
 import openai
@@ -16,7 +18,7 @@ from tests.tolerances import GEMM
 NAME = "tiny-qwen3"
 
 
-def tiny_model_dir(tmp_path_factory) -> "pathlib.Path":  # noqa: F821
+def tiny_model_dir(tmp_path_factory) -> pathlib.Path:
     """A tiny random Qwen3-MoE + tokenizer, built once per test session (shared by the test_serve_* files)."""
     from mxserve.models.tiny import make_tiny
     d = tmp_path_factory.getbasetemp() / "serve-tiny-qwen3"
@@ -170,14 +172,21 @@ def test_error_mapping(server, client):
 
 def test_metrics_exposed(server, client):
     client.completions.create(model=NAME, prompt="a", max_tokens=3, extra_body={"ignore_eos": True})
-    text = httpx.get(server[1] + "/metrics").text
     from prometheus_client.parser import text_string_to_metric_families
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for f in text_string_to_metric_families(text) for s in f.samples}
     lab = (("model_name", NAME),)
+    deadline = time.monotonic() + 10
+    while True:  # gauges are refreshed by the engine thread right after the step that finished the request
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in
+                   text_string_to_metric_families(httpx.get(server[1] + "/metrics").text) for s in f.samples}
+        if samples[("mxserve:num_requests_running", lab)] == samples[("mxserve:kv_cache_bytes", lab)] == 0 \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert samples[("mxserve:time_to_first_token_seconds_count", lab)] >= 1
     assert samples[("mxserve:inter_token_latency_seconds_count", lab)] >= 2
     assert samples[("mxserve:generation_tokens_total", lab)] >= 3
     assert samples[("mxserve:weight_bytes", lab + (("precision", "bf16"),))] > 0
     assert samples[("mxserve:kv_cache_bits_per_element", lab)] == 16
-    assert ("mxserve:num_requests_waiting", lab) in samples
+    assert samples[("mxserve:num_requests_waiting", lab)] == 0
+    assert samples[("mxserve:num_requests_running", lab)] == 0 and samples[("mxserve:kv_cache_bytes", lab)] == 0
+    assert samples[("mxserve:requests_total", (("finished_reason", "length"),) + lab)] >= 1
