@@ -30,7 +30,9 @@ def add_parser(sub) -> None:
     g.add_argument("--max-waiting", type=int, default=64, help="queued sequences before 429")
     g.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens per sequence")
     g.add_argument("--max-batch-tokens", type=int, default=512, help="flat tokens per forward (chunked prefill)")
-    g.add_argument("--kv-cache-dtype", default="bf16", choices=["bf16", "fp16", "fp32", "int8", "int4", "int2"])
+    g.add_argument("--kv-cache-dtype", default="auto",
+                   choices=["auto", "bf16", "fp16", "fp32", "mxkv", "int8", "int4", "int2"],
+                   help="auto: the checkpoint's calibrated mxkv format if it has one, else bf16")
     g.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--dry-run", action="store_true", help="print the decision (and vLLM command) and exit")
     p.set_defaults(func=run, allow_extra=True)

@@ -1,31 +1,32 @@
-"""Per-sequence KV cache of the embedded engine, with a pluggable storage quantizer.
+"""Per-sequence KV caches of the embedded engine. A cache owns attention over what it stores, so a quantized cache
+can read each key from whichever copy its format says (packed slots, full-precision sinks, recent window).
 
-``KVCache`` stores K/V of every layer as ``[L, kv_heads, D]`` in a storage dtype (bf16 by default, fp32 for exact
-comparisons) with amortised doubling growth. ``QuantizedKVCache`` stores them through a ``KVQuantizer`` (any object
-with ``quantize``/``dequantize``/``nbytes``/``bits_per_element``/``name``) and dequantizes on read, so attention
-sees exactly what a quantized-KV kernel would. ``make_cache_factory(spec)`` picks the class from a string.
+* ``KVCache``: plain storage (bf16 default, fp16, fp32) with amortised doubling growth; exact causal attention.
+* ``MxKVCache``: the mxkv slot format of the KV-cache work, through the CPU reference runtime
+  ``mxserve_kernels.attention.reference.QuantizedKVCache`` (one per layer): 2/4/8-bit or ternary codes, FP
+  sink and window tokens, per-layer clip ratios and channel permutations from ``quantization_config.kv``.
+
+``make_cache_factory(kind, kv_config)`` picks the class for ``--kv-cache-dtype``.
 """
 from __future__ import annotations
 
-from functools import partial
-from typing import Any, Callable, Protocol
+from typing import Callable
 
 import torch
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+UNIFORM_KV = {"int8": 8, "int4": 4, "int2": 2}
 
 
-class KVQuantizer(Protocol):
-    """Storage quantizer of K or V rows. x: [t, kv_heads, D] -> opaque state, and back."""
-
-    name: str
-    bits_per_element: float
-
-    def quantize(self, x: torch.Tensor) -> Any: ...
-
-    def dequantize(self, state: Any, dtype: torch.dtype) -> torch.Tensor: ...
-
-    def nbytes(self, state: Any) -> int: ...
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """q: [t, heads, D] at absolute ``positions`` [t]; k, v: [L, kv_heads, D] (GQA) -> [t, heads, D]."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.einsum("thd,lhd->htl", q, k) * scale                     # [heads, t, L]
+    future = torch.arange(k.shape[0])[None, :] > positions[:, None]           # [t, L]
+    probs = torch.softmax(scores.masked_fill(future[None], float("-inf")).float(), dim=-1).to(q.dtype)
+    return torch.einsum("htl,lhd->thd", probs, v)
 
 
 class KVCache:
@@ -71,6 +72,12 @@ class KVCache:
         self._len[layer] = n + t
         return (self._k[layer][:n + t].to(self.compute_dtype), self._v[layer][:n + t].to(self.compute_dtype))
 
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """Store this step's k, v ([t, kv_heads, D]) and return causal attention of q ([t, heads, D])."""
+        kk, vv = self.append(layer, k, v)
+        return causal_attention(q, kk, vv, positions, scale)
+
     def nbytes(self) -> int:
         """Bytes of stored K/V rows (live rows, not spare capacity)."""
         if not self._k:
@@ -79,73 +86,50 @@ class KVCache:
         return 2 * kvh * d * self._k[0].element_size() * sum(self._len)
 
 
-class QuantizedKVCache(KVCache):
-    """KV cache whose rows are stored through ``quantizer`` (chunks as appended) and dequantized on read."""
-
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, compute_dtype: torch.dtype,
-                 quantizer: KVQuantizer):
-        super().__init__(layers, kv_heads, head_dim, compute_dtype)
-        self.quantizer = quantizer
-        self._qk: list[list[Any]] = [[] for _ in range(layers)]
-        self._qv: list[list[Any]] = [[] for _ in range(layers)]
-
-    @property
-    def precision(self) -> str:
-        return self.quantizer.name
-
-    @property
-    def bits_per_element(self) -> float:
-        return float(self.quantizer.bits_per_element)
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._qk[layer].append(self.quantizer.quantize(k))
-        self._qv[layer].append(self.quantizer.quantize(v))
-        self._len[layer] += k.shape[0]
-        deq = self.quantizer.dequantize
-        return (torch.cat([deq(s, self.compute_dtype) for s in self._qk[layer]]),
-                torch.cat([deq(s, self.compute_dtype) for s in self._qv[layer]]))
-
-    def nbytes(self) -> int:
-        return sum(self.quantizer.nbytes(s) for chunks in (self._qk, self._qv) for c in chunks for s in c)
-
-
-class MinMaxKVQuantizer:
-    """Per-token, per-head asymmetric min-max integer quantizer (engine-local fallback when no KV reference
-    quantizer is available). Codes stay unpacked uint8 in memory; ``nbytes`` reports the packed size.
+class MxKVCache:
+    """One sequence's KV cache in the mxkv slot format (``mxserve.kvcache.config.KVQuantConfig``).
 
     Args:
-        bits: 2, 4 or 8.
+        cfg: the KV quantization config (per-layer bits, groups, clips, permutations; sink and window sizes).
+        kv_heads, head_dim: geometry (validated against ``cfg``).
+        compute_dtype: dtype of attention outputs.
     """
 
-    def __init__(self, bits: int):
-        if bits not in (2, 4, 8):
-            raise ValueError(f"kv cache bits must be 2, 4 or 8, got {bits}")
-        self.bits = bits
-        self.name = f"int{bits}"
-        self._d = None
+    def __init__(self, cfg, layers: int, kv_heads: int, head_dim: int, compute_dtype: torch.dtype):
+        from mxserve_kernels.attention.reference import QuantizedKVCache as RefCache
+        cfg.validate_model(layers, kv_heads, head_dim)
+        self.compute_dtype = compute_dtype
+        self._fmts = [cfg.layer(i).slot_format(head_dim) for i in range(layers)]
+        perm = (lambda p: None if p is None else torch.tensor(p, dtype=torch.int64))
+        self._layers = [RefCache(f, kv_heads, sink=cfg.sink_tokens, window=cfg.window_tokens,
+                                 k_perm=perm(lc.k_perm), v_perm=perm(lc.v_perm), k_clip=lc.k_clip, v_clip=lc.v_clip)
+                        for f, lc in zip(self._fmts, (cfg.layer(i) for i in range(layers)))]
+        self._kvh, self._d = kv_heads, head_dim
+        self.precision = "mxkv"
 
     @property
     def bits_per_element(self) -> float:
-        # scale + zero in fp16 per (token, head) row of D elements
-        return self.bits + (32.0 / self._d if self._d else 0.0)
+        return sum(f.bits_per_element() for f in self._fmts) / len(self._fmts)
 
-    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [t, kvh, D] -> (codes uint8 [t, kvh, D], scale fp16 [t, kvh, 1], zero fp16 [t, kvh, 1])."""
-        self._d = x.shape[-1]
-        xf = x.float()
-        lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
-        scale = ((hi - lo) / (2 ** self.bits - 1)).clamp_min(1e-8).half()
-        zero = lo.half()
-        q = ((xf - zero.float()) / scale.float()).round().clamp(0, 2 ** self.bits - 1).to(torch.uint8)
-        return q, scale, zero
+    def __len__(self) -> int:
+        return self._layers[0].length(0) if self._layers else 0
 
-    def dequantize(self, state, dtype: torch.dtype) -> torch.Tensor:
-        q, scale, zero = state
-        return (q.float() * scale.float() + zero.float()).to(dtype)
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        ref = self._layers[layer]
+        ref.append(0, k.float(), v.float())
+        return ref.attend(0, q.float(), scale).to(self.compute_dtype)
 
-    def nbytes(self, state) -> int:
-        q, scale, zero = state
-        return q.numel() * self.bits // 8 + 2 * scale.numel() + 2 * zero.numel()
+    def nbytes(self) -> int:
+        """Packed slots plus the full-precision sink/window copies (fp32 here; 2 bytes each on a GPU)."""
+        total = 0
+        for ref in self._layers:
+            if 0 in ref._slots:
+                total += ref._slots[0].numel()
+                _, fk, fv = ref._fp[0]
+                sk, sv = ref._sink[0]
+                total += sum(t.numel() * t.element_size() for t in (fk, fv, sk, sv))
+        return total
 
 
 def make_cache(layers: int, kv_heads: int, head_dim: int, compute_dtype: torch.dtype) -> KVCache:
@@ -153,19 +137,33 @@ def make_cache(layers: int, kv_heads: int, head_dim: int, compute_dtype: torch.d
     return KVCache(layers, kv_heads, head_dim, compute_dtype)
 
 
-def make_cache_factory(kind: str) -> Callable[..., KVCache]:
-    """Cache factory for ``--kv-cache-dtype``: ``bf16`` | ``fp16`` | ``fp32`` | ``int8`` | ``int4`` | ``int2``.
+def make_cache_factory(kind: str, kv_config=None) -> Callable:
+    """Cache factory for ``--kv-cache-dtype``.
 
+    Args:
+        kind: ``auto`` (the checkpoint's ``quantization_config.kv`` if it has one, else bf16) | ``bf16`` | ``fp16``
+            | ``fp32`` | ``mxkv`` (the checkpoint's config, required) | ``int8`` / ``int4`` / ``int2`` (uniform
+            mxkv K and V bits, uncalibrated).
+        kv_config: the checkpoint's ``KVQuantConfig`` or None.
     Returns:
-        ``factory(layers, kv_heads, head_dim, compute_dtype) -> KVCache``.
+        ``factory(layers, kv_heads, head_dim, compute_dtype) -> cache``.
     """
+    if kind == "auto":
+        kind = "mxkv" if kv_config is not None else "bf16"
     if kind in _DTYPES:
-        return partial(_plain, store_dtype=_DTYPES[kind])
-    if kind in ("int8", "int4", "int2"):
-        bits = int(kind[3:])
-        return lambda layers, kvh, d, dt: QuantizedKVCache(layers, kvh, d, dt, MinMaxKVQuantizer(bits))
-    raise ValueError(f"--kv-cache-dtype {kind!r}: expected one of bf16, fp16, fp32, int8, int4, int2")
+        dt = _DTYPES[kind]
+        return lambda layers, kvh, d, cdt: KVCache(layers, kvh, d, cdt, dt)
+    if kind == "mxkv":
+        if kv_config is None:
+            raise ValueError("--kv-cache-dtype mxkv: the checkpoint has no quantization_config.kv "
+                             "(run `mxserve calibrate-kv` or pick int2/int4/int8)")
+        return lambda layers, kvh, d, cdt: MxKVCache(kv_config, layers, kvh, d, cdt)
+    if kind in UNIFORM_KV:
+        from mxserve.kvcache.config import KVQuantConfig
+        bits = UNIFORM_KV[kind]
 
-
-def _plain(layers: int, kv_heads: int, head_dim: int, compute_dtype: torch.dtype, *, store_dtype) -> KVCache:
-    return KVCache(layers, kv_heads, head_dim, compute_dtype, store_dtype)
+        def factory(layers, kvh, d, cdt):
+            g = max(x for x in (128, 64, 32, 16, 8, 4) if d % x == 0 and (x * bits) % 8 == 0)
+            return MxKVCache(KVQuantConfig.uniform(layers, bits, bits, g, g), layers, kvh, d, cdt)
+        return factory
+    raise ValueError(f"--kv-cache-dtype {kind!r}: expected auto, bf16, fp16, fp32, mxkv, int8, int4 or int2")

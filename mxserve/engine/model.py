@@ -162,6 +162,7 @@ class MoEModel:
         self.weight_bytes = dict(weight_bytes)
         self.quantized = quantized
         self.dtype = embed.dtype
+        self.kv_config = None   # mxserve.kvcache.config.KVQuantConfig of quantization_config.kv, if any
 
     @classmethod
     def load(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> "MoEModel":
@@ -205,7 +206,12 @@ class MoEModel:
             lm_head = embed
         else:
             lm_head = r.linear("lm_head")
-        return cls(spec, embed, layers, r.get("model.norm.weight"), lm_head, r.weight_bytes, quant is not None)
+        model = cls(spec, embed, layers, r.get("model.norm.weight"), lm_head, r.weight_bytes, quant is not None)
+        if quant is not None and quant.kv:
+            from mxserve.kvcache.config import KVQuantConfig
+            model.kv_config = KVQuantConfig.from_dict(quant.kv)
+            model.kv_config.validate_model(spec.layers, spec.kv_heads, spec.head_dim)
+        return model
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def _attention(self, h: torch.Tensor, lay: Layer, li: int, positions: torch.Tensor,
@@ -223,16 +229,8 @@ class MoEModel:
             q, k = rms_norm(q, lay.q_norm, s.rms_eps), rms_norm(k, lay.k_norm, s.rms_eps)
         q, k = rope(q, positions, s.rope_theta), rope(k, positions, s.rope_theta)
         out = torch.empty(t, s.heads, s.head_dim, dtype=h.dtype)
-        rep = s.heads // s.kv_heads
         for (a, z), cache in zip(spans, caches):
-            kk, vv = cache.append(li, k[a:z], v[a:z])                            # [L, kvh, D] each
-            kk, vv = kk.repeat_interleave(rep, dim=1), vv.repeat_interleave(rep, dim=1)
-            scores = torch.einsum("thd,lhd->htl", q[a:z], kk) * s.head_dim ** -0.5  # [heads, t, L]
-            qpos = positions[a:z]
-            mask = torch.arange(kk.shape[0])[None, :] > qpos[:, None]              # [t, L] future keys
-            scores = scores.masked_fill(mask[None], float("-inf"))
-            probs = torch.softmax(scores.float(), dim=-1).to(h.dtype)
-            out[a:z] = torch.einsum("htl,lhd->thd", probs, vv)
+            out[a:z] = cache.attend(li, q[a:z], k[a:z], v[a:z], positions[a:z], s.head_dim ** -0.5)
         return F.linear(out.reshape(t, -1), lay.o, b["o_proj"])
 
     @torch.inference_mode()
@@ -265,7 +263,8 @@ class MoEModel:
         return F.linear(hidden, self.lm_head).float()
 
     def new_cache(self, factory=None) -> KVCache:
-        """A fresh KV cache for one sequence (``factory(layers, kv_heads, head_dim, dtype)`` picks the class)."""
+        """A fresh KV cache for one sequence (``factory(layers, kv_heads, head_dim, dtype)`` picks the class;
+        default bf16 storage)."""
         from mxserve.engine.kv_cache import make_cache
         s = self.spec
         return (factory or make_cache)(s.layers, s.kv_heads, s.head_dim, self.dtype)

@@ -30,7 +30,7 @@ class EngineOptions:
     max_waiting: int = 64
     max_model_len: int = 2048
     max_batch_tokens: int = 512
-    kv_cache_dtype: str = "bf16"
+    kv_cache_dtype: str = "auto"
     max_body_bytes: int = MAX_BODY_BYTES
     threads: int | None = None
 
@@ -61,7 +61,7 @@ def build_state(model_dir: str | Path, served_name: str | None = None,
         metrics.weight_bytes.labels(model_name=name, precision=precision).set(nbytes)
     engine = Engine(model, tokenizer, max_num_seqs=opts.max_num_seqs, max_waiting=opts.max_waiting,
                     max_model_len=opts.max_model_len, max_batch_tokens=opts.max_batch_tokens,
-                    kv_cache_factory=make_cache_factory(opts.kv_cache_dtype), metrics=metrics, model_name=name)
+                    kv_cache_factory=make_cache_factory(opts.kv_cache_dtype, model.kv_config), metrics=metrics, model_name=name)
     probe = model.new_cache(engine.kv_cache_factory)
     metrics.kv_cache_bits_per_element.labels(model_name=name).set(probe.bits_per_element)
     engine.start()

@@ -15,7 +15,7 @@ from mxserve.engine.kv_cache import make_cache_factory
 from mxserve.engine.model import MoEModel
 from mxserve_kernels.formats import NESTED_BASE_BITS, WeightScheme, tensor_names
 from mxserve_kernels.quant.reference import dequantize
-from tests.tolerances import GEMM
+from tests.tolerances import GEMM, SQNR_DB_MIN, sqnr_db
 from tests.unit.test_serve_openai import tiny_model_dir
 
 
@@ -77,3 +77,33 @@ def test_mxmoe_checkpoint_matches_transformers_on_dequantized_weights(tmp_path_f
     base_out = base.logits(base.forward(ids, torch.arange(13), [(0, 13)], [base.new_cache(make_cache_factory("fp32"))],
                                         all_tokens=True))
     assert not torch.allclose(base_out, out, **GEMM[torch.float32])
+
+
+def test_checkpoint_kv_config_selects_mxkv_cache(tmp_path_factory):
+    """``quantization_config.kv`` is picked up (``--kv-cache-dtype auto``): prefill is exact, decode reads packed
+    2-bit slots outside the FP sink/window and stays close to the full-precision cache."""
+    import shutil
+
+    from mxserve.engine.kv_cache import MxKVCache
+    from mxserve.kvcache.config import KVQuantConfig
+    src = tiny_model_dir(tmp_path_factory)
+    dst = tmp_path_factory.mktemp("kv") / "m"
+    shutil.copytree(src, dst)
+    conf = json.loads((dst / "config.json").read_text())
+    kv = KVQuantConfig.uniform(conf["num_hidden_layers"], 2, 2, 16, 16, sink_tokens=1, window_tokens=2)
+    conf["quantization_config"] = {"quant_method": "mxmoe", "version": 1, "kv": kv.to_dict()}
+    (dst / "config.json").write_text(json.dumps(conf))
+    model = MoEModel.load(dst)
+    factory = make_cache_factory("auto", model.kv_config)
+    ids = torch.randint(0, model.spec.vocab, (12,))
+    outs = {}
+    for name, f in (("mxkv", factory), ("fp32", make_cache_factory("fp32"))):
+        cache = model.new_cache(f)
+        pre = model.logits(model.forward(ids[:8], torch.arange(8), [(0, 8)], [cache]))
+        dec = [model.logits(model.forward(ids[i:i + 1], torch.tensor([i]), [(0, 1)], [cache])) for i in range(8, 12)]
+        outs[name] = (pre, torch.cat(dec), cache)
+    assert isinstance(outs["mxkv"][2], MxKVCache) and outs["mxkv"][2].bits_per_element <= 4  # 2-bit codes + fp16 scale/zero per 16
+    torch.testing.assert_close(outs["mxkv"][0], outs["fp32"][0], **GEMM[torch.float32])
+    assert not torch.equal(outs["mxkv"][1], outs["fp32"][1])
+    # quantization error, not kernel error: judged in SQNR (2-bit floor of the table; no KV-specific entry yet)
+    assert sqnr_db(outs["fp32"][1], outs["mxkv"][1]) >= SQNR_DB_MIN[2]

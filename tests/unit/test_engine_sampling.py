@@ -7,7 +7,7 @@ import torch
 from mxserve.engine.detok import StopChecker
 from mxserve.engine.kv_cache import KVCache, make_cache_factory
 from mxserve.engine.sampling import SamplingParams, sample, top_p_filter
-from tests.tolerances import BIT_EXACT, GEMM
+from tests.tolerances import ATTENTION, BIT_EXACT, GEMM
 
 
 def test_greedy_and_logprobs():
@@ -66,19 +66,40 @@ def test_stop_checker_streams_everything_before_the_stop():
     assert streamed == text
 
 
-@pytest.mark.parametrize("kind", ["bf16", "fp32", "int8", "int4", "int2"])
-def test_kv_cache_round_trip(kind):
+@pytest.mark.parametrize("kind", ["bf16", "fp32"])
+def test_plain_kv_cache_round_trip(kind):
     cache: KVCache = make_cache_factory(kind)(2, 2, 16, torch.float32)
     k, v = torch.randn(5, 2, 16), torch.randn(5, 2, 16)
     cache.append(0, k[:3], v[:3])
     kk, vv = cache.append(0, k[3:], v[3:])
-    assert kk.shape == (5, 2, 16) and len(cache) == 5
-    if kind == "fp32":
-        torch.testing.assert_close(kk, k, **BIT_EXACT)
-    elif kind == "bf16":
-        torch.testing.assert_close(kk, k.bfloat16().float(), **BIT_EXACT)
-    else:
-        bits = int(kind[3:])
-        step = (k.amax(-1, keepdim=True) - k.amin(-1, keepdim=True)) / (2 ** bits - 1)
-        assert bool(((kk - k).abs() <= step / 2 + 1e-2 * step + 1e-3).all())  # half a step + fp16 scale rounding
-        assert cache.bits_per_element < 16 and cache.nbytes() < 2 * 5 * 2 * 16 * 2
+    assert kk.shape == (5, 2, 16) and len(cache) == 5 and cache.nbytes() == 5 * 2 * 2 * 16 * cache.bits_per_element / 8
+    want = k if kind == "fp32" else k.bfloat16().float()
+    torch.testing.assert_close(kk, want, **BIT_EXACT)
+
+
+def _chunks(cache, q, k, v, cuts):
+    outs, start = [], 0
+    for end in cuts:
+        outs.append(cache.attend(0, q[start:end], k[start:end], v[start:end], torch.arange(start, end), 0.25))
+        start = end
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "int2"])
+def test_mxkv_cache_matches_reference_runtime(kind):
+    """The engine's adapter == the KV reference runtime driven directly; prefill chunk is exact (FP)."""
+    from mxserve.kvcache.config import KVQuantConfig
+    from mxserve_kernels.attention.reference import QuantizedKVCache
+    q, k, v = torch.randn(40, 4, 16), torch.randn(40, 2, 16), torch.randn(40, 2, 16)
+    cache = make_cache_factory(kind)(1, 2, 16, torch.float32)
+    got = _chunks(cache, q, k, v, [8] + list(range(9, 41)))
+    bits = int(kind[3:])
+    ref = QuantizedKVCache(KVQuantConfig.uniform(1, bits, bits, 16, 16).layer(0).slot_format(16), 2)
+    want = []
+    for a, z in zip([0, 8] + list(range(9, 40)), [8] + list(range(9, 41))):
+        ref.append("s", k[a:z], v[a:z])
+        want.append(ref.attend("s", q[a:z], 0.25))
+    torch.testing.assert_close(got, torch.cat(want), **BIT_EXACT)
+    exact = _chunks(make_cache_factory("fp32")(1, 2, 16, torch.float32), q, k, v, [8])
+    torch.testing.assert_close(got[:8], exact, **ATTENTION[torch.float32])
+    assert cache.bits_per_element < 16 and len(cache) == 40
