@@ -73,6 +73,10 @@ def create_app(state: ServerState) -> FastAPI:
         return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def run(prep, chat: bool, request: Request):
+        need, cap = len(prep.prompts) * prep.n, eng.max_num_seqs + eng.max_waiting
+        if need > cap:  # could never be admitted: a client error, not a busy server
+            raise APIError(400, f"request needs {need} sequences (prompts x n); this server holds at most {cap}",
+                           "n")
         col = Collector(eng, prep, uuid.uuid4().hex)
         col.submit()
         r = Renderer(chat, state.model_name, state.tokenizer, prep)

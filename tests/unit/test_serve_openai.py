@@ -159,6 +159,8 @@ def test_error_mapping(server, client):
     assert _err(httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": "x", "stream_options": {}}),
                 400)["param"] == "stream_options"
     assert _err(httpx.post(url + "/v1/completions", json=[1, 2]), 400)
+    assert _err(httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": ["a"] * 32, "n": 16}),
+                400)["param"] == "n"                                      # more sequences than the server holds
     assert _err(httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": "x", "echo": True}),
                 422)["param"] == "echo"
     big = json.dumps({"model": NAME, "prompt": "x" * (2 << 20)})
