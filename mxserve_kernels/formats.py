@@ -3,7 +3,7 @@
 A linear weight ``W`` has shape ``[N, K]`` (out_features, in_features), as in ``nn.Linear``. Quantization
 groups run along K: group ``g`` of row ``n`` covers ``W[n, g*G:(g+1)*G]``.
 
-Integer schemes (``bits`` in 2, 3, 4, 8):
+Integer schemes (``bits`` in 1, 2, 3, 4, 8; 1-bit is asymmetric only: ``W ~= q * scale + zero``, q in {0, 1}):
   * codes ``q`` are unsigned, ``0 <= q < 2**bits``;
   * asymmetric: ``W ~= q * scale + zero`` where ``zero`` is a float (the group minimum, MxMoE/KIVI style);
   * symmetric:  ``W ~= (q - 2**(bits-1)) * scale`` with ``q - 2**(bits-1)`` in ``[-(2**(bits-1)-1), 2**(bits-1)-1]``
@@ -31,15 +31,15 @@ import math
 import re
 from dataclasses import dataclass
 
-INT_BITS = (2, 3, 4, 8)
-ALL_BITS = (2, 3, 4, 8, 16)
+INT_BITS = (1, 2, 3, 4, 8)
+ALL_BITS = (1, 2, 3, 4, 8, 16)
 GROUP_SIZES = (32, 64, 128)
 SCALE_DTYPES = ("bf16", "fp16")
 NESTED_BASE_BITS = 2
 NESTED_MAX_BITS = 4
 FORMAT_VERSION = 1
 
-_NAME_RE = re.compile(r"^int(?P<bits>[2348])_g(?P<g>\d+)_(?P<sym>sym|asym)(?P<sd>_fp16)?(?P<nested>_nested(?P<prefix>[234])?)?$")
+_NAME_RE = re.compile(r"^int(?P<bits>[12348])_g(?P<g>\d+)_(?P<sym>sym|asym)(?P<sd>_fp16)?(?P<nested>_nested(?P<prefix>[234])?)?$")
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class WeightScheme:
     """One weight quantization scheme (canonical format), e.g. ``int4_g128_asym``.
 
     Args:
-        bits: 2, 3, 4, 8, or 16 (bf16 passthrough).
+        bits: 1, 2, 3, 4, 8, or 16 (bf16 passthrough); 1-bit (MxMoE's w1, 1.25 bits at g128) is asymmetric.
         group_size: G, quantization group length along K (32, 64 or 128); ignored for 16 bits.
         symmetric: symmetric codes (no zeros tensor) if True.
         scale_dtype: "bf16" or "fp16" for scales and zeros.
@@ -71,6 +71,8 @@ class WeightScheme:
             raise ValueError(f"WeightScheme.group_size must be one of {GROUP_SIZES}, got {self.group_size}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"WeightScheme.scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
+        if self.bits == 1 and self.symmetric:
+            raise ValueError("WeightScheme: 1-bit weights are asymmetric only (q * scale + zero)")
         if self.nested and (self.symmetric or not NESTED_BASE_BITS <= self.bits <= NESTED_MAX_BITS):
             raise ValueError("WeightScheme: nested weights are asymmetric with a runtime prefix of 2..4 bits")
 

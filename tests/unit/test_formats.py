@@ -30,7 +30,7 @@ def test_pack_rejects_out_of_range():
 
 
 @pytest.mark.parametrize("name,bits", [("int2_g128_asym", 2.25), ("int4_g128_sym", 4.125), ("int3_g64_asym", 3.5),
-                                       ("int8_g32_asym", 9.0), ("bf16", 16.0), ("int2_g128_asym_nested4", 4.5)])
+                                       ("int8_g32_asym", 9.0), ("bf16", 16.0), ("int1_g128_asym", 1.25), ("int2_g128_asym_nested4", 4.5)])
 def test_scheme_names_and_bits(name, bits):
     s = WeightScheme.parse(name)
     assert s.name == name
@@ -43,7 +43,9 @@ def test_scheme_validation_names_field():
     with pytest.raises(ValueError, match="group size 128 does not divide"):
         WeightScheme(bits=4).check_shape(64, 96, "layers.0.q_proj")
     assert tensor_names(WeightScheme(bits=4, symmetric=True)) == ("qweight", "scales")
-    assert set(ALL_BITS) == {2, 3, 4, 8, 16}
+    assert set(ALL_BITS) == {1, 2, 3, 4, 8, 16}
+    with pytest.raises(ValueError, match="asymmetric only"):
+        WeightScheme(bits=1, symmetric=True)
 
 
 def test_config_round_trip_and_errors():
@@ -59,3 +61,14 @@ def test_config_round_trip_and_errors():
         MxMoEConfig.from_dict({**d, "experts": {"model.layers.0.mlp.experts": {"gate_up": ["bf16"], "down": ["int5"]}}})
     with pytest.raises(QuantConfigError, match="unknown field"):
         MxMoEConfig.from_dict({**d, "kv_cache_scheme": 1})
+
+
+def test_int1_dequantize_round_trip():
+    from mxserve_kernels.quant.reference import dequantize
+    s = WeightScheme.parse("int1_g128_asym")
+    codes = torch.randint(0, 2, (4, 256), dtype=torch.uint8)
+    scales = torch.rand(4, 2, dtype=torch.bfloat16)
+    zeros = torch.randn(4, 2, dtype=torch.bfloat16)
+    w = dequantize(s, {"qweight": pack_codes(codes, 1), "scales": scales, "zeros": zeros}, 256)
+    ref = codes.float() * scales.float().repeat_interleave(128, 1) + zeros.float().repeat_interleave(128, 1)
+    assert torch.equal(w, ref)
