@@ -37,3 +37,13 @@ def force_embedded() -> bool:
 # Log level for mxserve loggers.
 def log_level() -> str:
     return (_str("MXSERVE_LOG_LEVEL") or "INFO").upper()
+
+
+# Expose per-expert labels on the expert-cache metrics (high cardinality: opt-in).
+def metrics_per_expert() -> bool:
+    return _bool("MXSERVE_METRICS_PER_EXPERT")
+
+
+# GPU tests only: an mxmoe checkpoint to serve in tests/integration/test_metrics_gpu.py (built when unset).
+def test_checkpoint() -> str | None:
+    return _str("MXSERVE_TEST_CHECKPOINT")

@@ -307,6 +307,12 @@ class Engine:
             kv = [s.cache for s in self._running if s.cache is not None]
         m.num_requests_waiting.labels(model_name=self.model_name).set(waiting)
         m.num_requests_running.labels(model_name=self.model_name).set(running)
-        m.kv_cache_bytes.labels(model_name=self.model_name).set(sum(c.nbytes() for c in kv))
+        # every precision seen so far is reported, 0 when no running sequence uses it any more
+        self._kv_precisions = getattr(self, "_kv_precisions", set()) | {c.precision for c in kv}
+        by_precision: dict[str, int] = dict.fromkeys(self._kv_precisions, 0)
+        for c in kv:
+            by_precision[c.precision] = by_precision.get(c.precision, 0) + c.nbytes()
+        for precision, nbytes in by_precision.items():
+            m.kv_cache_bytes.labels(model_name=self.model_name, precision=precision).set(nbytes)
         if kv:
             m.kv_cache_bits_per_element.labels(model_name=self.model_name).set(kv[0].bits_per_element)

@@ -100,7 +100,8 @@ ENGINE_METRICS: dict[str, MetricSpec] = {
     "num_requests_running": _s("num_requests_running", "gauge", "Requests currently being decoded."),
     "weight_bytes": _s("weight_bytes", "gauge", "Model weight bytes by storage precision (bf16, int2, int4, ...).",
                        "precision"),
-    "kv_cache_bytes": _s("kv_cache_bytes", "gauge", "Bytes allocated to the KV cache."),
+    "kv_cache_bytes": _s("kv_cache_bytes", "gauge", "Bytes allocated to the KV cache by precision (bf16, mxkv, ...).",
+                         "precision"),
     "kv_cache_bits_per_element": _s("kv_cache_bits_per_element", "gauge",
                                     "Effective KV-cache bits per stored element, scales included."),
 }
