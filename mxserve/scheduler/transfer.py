@@ -98,7 +98,24 @@ class SlotPool:
         self.layout, self.S = layout, num_slots
         self.buf = torch.empty((num_slots, layout.slot_bytes), dtype=torch.uint8, device=device)
 
+    def check_slot(self, slot: int, what: str = "slot") -> int:
+        """``slot`` as an int if it is in [0, S); raises otherwise.
+
+        A -1 slot (``Residency`` / ``SlotView`` "not resident") must never index the pool: ``buf[-1]`` would
+        silently read the last slot, i.e. another expert's planes.
+
+        Raises:
+            IndexError naming the slot and the pool size.
+        """
+        s = int(slot)
+        if not 0 <= s < self.S:
+            raise IndexError(f"offload slot pool: {what} {s} outside [0, {self.S}) (-1: plane not resident; "
+                             f"was the plan applied to the Residency that was read?)")
+        return s
+
     def blob(self, slot: int, level: int) -> torch.Tensor:
+        """uint8 [plane_bytes[level]] view of plane ``level`` in slot ``slot`` (IndexError if not in [0, S))."""
+        slot = self.check_slot(slot, f"plane {level} slot")
         o = self.layout.slot_offset(level)
         return self.buf[slot, o:o + self.layout.plane_bytes[level]]
 
@@ -143,6 +160,8 @@ class TransferEngine:
     def execute(self, plan: PrefetchPlan) -> None:
         """Issue ``plan``'s copies in order (asynchronously on CUDA)."""
         loads = plan.loads
+        for op in plan.ops:
+            self.pool.check_slot(op.slot, f"{op.kind} of ({op.layer}, {op.expert}) plane {op.level} into slot")
         for op in plan.ops:
             if op.kind == "evict":
                 for lv in ((BASE,) if op.level == BASE else LEVELS[1:]):

@@ -63,7 +63,10 @@ def _plan(layout, slots, layer_counts, evict_first: bool):
     counts = np.zeros(E, np.int64)
     counts[:layer_counts] = 1
     st.observe(0, counts, 1)
-    return p1, pol.plan(st, 0, counts), st
+    plan = pol.plan(st, 0, counts)          # plans on a copy: ``st`` only learns the slots through apply()
+    st.apply(plan)
+    st.check()
+    return p1, plan, st
 
 
 def _engine(layout, slots):
@@ -106,10 +109,18 @@ def test_evicting_plan_waits_for_compute_and_wait_orders_reads():
     eng.execute(plan)
     eng.wait(0, plan.run_level)
     e0 = int(np.nonzero(plan.run_level)[0][0])
-    got = eng.pool.blob(int(st.base_slot[0, e0]), BASE).clone()     # compute stream, after wait()
+    slot = int(st.base_slot[0, e0])
+    assert [op.slot for op in plan.loads if (op.layer, op.expert, op.level) == (0, e0, BASE)] == [slot]
+    assert any(op.kind == "evict" and op.slot == slot for op in plan.ops), "the checked slot was not refilled"
+    got = eng.pool.buf.clone()                  # compute stream, after wait(): every refilled slot
     torch.cuda.synchronize()
     assert done.elapsed_time(eng._timed[-1][0]) >= 0, "copies into evicted slots started before compute finished"
-    torch.testing.assert_close(got.cpu(), eng.arena.blob(0, e0, BASE), **BIT_EXACT)
+    pool = SlotPool(layout, slots, "cpu")
+    pool.buf = got.cpu()
+    torch.testing.assert_close(pool.blob(slot, BASE), eng.arena.blob(0, e0, BASE), **BIT_EXACT)
+    for op in plan.loads:                       # slots as the residency records them, not as the plan says
+        s_ = st.base_slot[0, op.expert] if op.level == BASE else st.upper_slot[0, op.expert]
+        torch.testing.assert_close(pool.blob(s_, op.level), eng.arena.blob(0, op.expert, op.level), **BIT_EXACT)
 
 
 def test_engine_bandwidth_is_reported():
