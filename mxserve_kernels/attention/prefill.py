@@ -50,9 +50,13 @@ def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
             vv = torch.cat([vc.to(cdt), v[s:e].to(cdt)])
         else:
             kk, vv = k[s:e].to(cdt), v[s:e].to(cdt)
-        mask = torch.ones(n, c + n, dtype=torch.bool, device=q.device)
-        mask[:, c:] = torch.tril(torch.ones(n, n, dtype=torch.bool, device=q.device))
+        if c > 0:
+            mask = torch.ones(n, c + n, dtype=torch.bool, device=q.device)
+            mask[:, c:] = torch.tril(torch.ones(n, n, dtype=torch.bool, device=q.device))
+            kw = {"attn_mask": mask}
+        else:  # no context: plain causal, so SDPA can take its flash path (no [Hq, n, n] score matrix)
+            kw = {"is_causal": True}
         o = F.scaled_dot_product_attention(q[s:e].to(cdt).transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1),
-                                           attn_mask=mask, scale=scale, enable_gqa=hq != h)
+                                           scale=scale, enable_gqa=hq != h, **kw)
         res[s:e] = o.transpose(0, 1).to(res.dtype)
     return res

@@ -113,10 +113,13 @@ class MxKVMetadataBuilder(AttentionMetadataBuilder[MxKVMetadata]):
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False) -> MxKVMetadata:
         cam = common_attn_metadata
         nd, _, ndt, _ = split_decodes_and_prefills(cam, decode_threshold=self.reorder_batch_threshold)
+        seq_cpu = cam.seq_lens_cpu_upper_bound  # exact for prefill rows (the only rows read on the host)
+        if seq_cpu is None and ndt < cam.num_actual_tokens:
+            seq_cpu = cam.seq_lens.cpu()  # prefill batches are never graph-captured: a sync is fine here
         return MxKVMetadata(seq_lens=cam.seq_lens, block_table=cam.block_table_tensor,
                             query_start_loc=cam.query_start_loc, num_actual_tokens=cam.num_actual_tokens,
                             num_decodes=nd, num_decode_tokens=ndt, query_start_loc_cpu=cam.query_start_loc_cpu,
-                            seq_lens_cpu=cam.seq_lens_cpu_upper_bound)
+                            seq_lens_cpu=seq_cpu)
 
 
 class MxKVImpl(AttentionImpl[MxKVMetadata]):
@@ -128,6 +131,7 @@ class MxKVImpl(AttentionImpl[MxKVMetadata]):
         if alibi_slopes is not None or sliding_window is not None or (logits_soft_cap or 0) > 0:
             raise ValueError("MxKVImpl: alibi, sliding window and logits soft-cap are not supported")
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
+        self.kv_cache_dtype = kv_cache_dtype  # read by AttentionImpl.kv_quant_mode
         self.num_kv_heads = num_kv_heads or num_heads
         self.fmt: KVSlotFormat | None = None
         self.k_perm = self.v_perm = None
@@ -173,11 +177,14 @@ class MxKVImpl(AttentionImpl[MxKVMetadata]):
         if nd > 0:
             seq = attn_metadata.seq_lens[:nd]
             lo = torch.zeros_like(seq)
-            # past-only: the current token (already stored packed) is read in full precision from key/value
+            # past-only: the current token (already stored packed) is read in full precision from key/value.
+            # k and v are views into different buffers (e.g. k after q/k-norm, v a slice of qkv): the kernel
+            # wants one fp stride set, so copy the ndt current tokens (tiny, graph-safe).
+            fk = k[:ndt].contiguous().unsqueeze(1)
+            fv = v[:ndt].contiguous().unsqueeze(1)
             decode.paged_decode_attention(
-                q[:ndt], cache, attn_metadata.block_table[:nd], lo, seq - 1, k[:ndt].unsqueeze(1),
-                v[:ndt].unsqueeze(1), torch.ones_like(seq), self.fmt, self.scale, self.k_perm, self.v_perm,
-                num_splits=DECODE_SPLITS, out=out[:ndt])
+                q[:ndt], cache, attn_metadata.block_table[:nd], lo, seq - 1, fk, fv, torch.ones_like(seq),
+                self.fmt, self.scale, self.k_perm, self.v_perm, num_splits=DECODE_SPLITS, out=out[:ndt])
         if ndt < n:
             qsl = attn_metadata.query_start_loc_cpu[nd:] - ndt
             seq_cpu = attn_metadata.seq_lens_cpu[nd:]
