@@ -53,6 +53,16 @@ class MxMoEQuantConfig(QuantizationConfig):
         self.cfg = cfg or MxMoEConfig()
         self._modules: dict[str, WeightScheme] = dict(self.cfg.modules)
         self._experts: dict[str, ExpertPlan] = dict(self.cfg.experts)
+        self.kv_cfg = self._parse_kv(self.cfg.kv)
+
+    @staticmethod
+    def _parse_kv(kv: dict | None):
+        """Validate the plan's ``kv`` section once, at parse time (process 0): a bad section is one KVConfigError
+        naming the field before any model is built. Returns the ``KVQuantConfig`` or None."""
+        if kv is None:
+            return None
+        from mxserve.kvcache.config import KVQuantConfig
+        return KVQuantConfig.from_dict(kv)
 
     # ---- vLLM QuantizationConfig API ----------------------------------------------------------------------------
     def get_name(self) -> str:
@@ -151,16 +161,11 @@ class MxMoEQuantConfig(QuantizationConfig):
 
     def _kv_method(self, layer: torch.nn.Module, prefix: str):
         """Attention layers get the KV package's ``MxKVCacheMethod`` when the plan has a ``kv`` section."""
-        if self.cfg.kv is None:
-            return None
-        from vllm.model_executor.layers.attention import Attention
-        if not isinstance(layer, Attention):
-            return None
-        from mxserve.kvcache.config import KVQuantConfig
-        from mxserve.vllm_plugin.kv.method import MxKVCacheMethod
-        if getattr(self, "_kv_cfg", None) is None:
-            self._kv_cfg = KVQuantConfig.from_dict(self.cfg.kv)
-        return MxKVCacheMethod(self, self._kv_cfg, prefix)
+        from vllm.model_executor.layers.attention.attention import Attention
+        if isinstance(layer, Attention) and self.cfg.kv is not None:
+            from mxserve.vllm_plugin.kv.method import MxKVCacheMethod
+            return MxKVCacheMethod(self, self.kv_cfg, prefix)
+        return None
 
     def __repr__(self) -> str:
         return (f"MxMoEQuantConfig(default={self.cfg.default_scheme.name}, modules={len(self.cfg.modules)}, "

@@ -1,7 +1,9 @@
 """GPU: ``vllm serve CKPT --quantization mxmoe`` end-to-end (default torch.compile + CUDA graphs, no --enforce-eager).
 
-One model (the cached CPU-preset demo Qwen3-MoE, trained on first use), three servers started in parallel and
-shared by the module: bf16, mxmoe uniform W8 (RTN), mxmoe uniform W4 (RTN). Official ``openai`` client.
+One model (the cached CPU-preset demo Qwen3-MoE, trained on first use) and three servers, strictly one after the
+other (vLLM's memory profiling fails when another server grows during it): bf16 (reference, eager) then mxmoe
+uniform W8 (RTN) for the logprob KLD, each stopped before the next starts; then mxmoe uniform W4 (RTN), shared by the
+remaining tests. Official ``openai`` client. Server logs are copied to ``$MXSERVE_TEST_LOG_DIR`` when set.
 Checks: chat / completions / streaming on W4; logprob KLD(bf16 || W8) <= KLD_W8_MAX over full-vocab prompt
 logprobs; W4 greedy tokens vs the dequantized PyTorch reference (teacher-forced) >= GREEDY_AGREE_W4_MIN.
 Run: ``pytest -m gpu tests/integration/test_vllm_serve.py`` (set MXSERVE_TEST_JSON=path to dump the numbers).
@@ -60,21 +62,26 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def servers(checkpoints, tmp_path_factory):
+def logs(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("logs"))
+
+
+@pytest.fixture(scope="module")
+def ref_logprobs(checkpoints, prompt_ids, logs):
+    """{"bf16"|"w8": per prompt, per position {token id: logprob}}: one server at a time, stopped before the next."""
     from mxserve.vllm_plugin.server import VllmServer
-    logs = tmp_path_factory.mktemp("logs")
-    srv = {"bf16": VllmServer(checkpoints["bf16"], SERVER_ARGS, log_dir=str(logs)),
-           "w8": VllmServer(checkpoints["w8"], ["-q", "mxmoe", *SERVER_ARGS], log_dir=str(logs)),
-           "w4": VllmServer(checkpoints["w4"], ["-q", "mxmoe", *SERVER_ARGS], log_dir=str(logs))}
-    try:
-        for s in srv.values():
-            s.start()
-        for s in srv.values():
-            s.wait_healthy(300)
+    out = {}
+    for name, extra in (("bf16", ["--enforce-eager"]), ("w8", ["-q", "mxmoe"])):
+        with VllmServer(checkpoints[name], [*extra, *SERVER_ARGS], log_dir=logs, label=name) as srv:
+            out[name] = [_prompt_logprobs(srv, ids) for ids in prompt_ids[:KLD_PROMPTS]]
+    return out
+
+
+@pytest.fixture(scope="module")
+def w4(checkpoints, logs):
+    from mxserve.vllm_plugin.server import VllmServer
+    with VllmServer(checkpoints["w4"], ["-q", "mxmoe", *SERVER_ARGS], log_dir=logs, label="w4") as srv:
         yield srv
-    finally:
-        for s in srv.values():
-            s.stop()
 
 
 def _client(srv):
@@ -89,20 +96,31 @@ def prompt_ids(checkpoints):
     return [tok(s, add_special_tokens=False)["input_ids"] for s in SNIPPETS[:N_PROMPTS]]
 
 
-def test_chat_completion(servers):
-    r = _client(servers["w4"]).chat.completions.create(
+def test_w8_kld_vs_bf16(ref_logprobs):
+    klds = []
+    for ps, qs in zip(ref_logprobs["bf16"], ref_logprobs["w8"]):
+        for p, q in zip(ps, qs):
+            floor = min(q.values())
+            klds.append(sum(math.exp(lp) * (lp - q.get(t, floor)) for t, lp in p.items()))
+    kld = sum(klds) / len(klds)
+    _result("kld_w8_vs_bf16", kld)
+    assert kld <= KLD_W8_MAX, f"mean KLD(bf16 || mxmoe W8) = {kld:.2e} over {len(klds)} positions"
+
+
+def test_chat_completion(w4):
+    r = _client(w4).chat.completions.create(
         model="m", messages=[{"role": "user", "content": "def add(a, b):"}], max_tokens=16, temperature=0)
     assert r.choices[0].message.content and r.usage.completion_tokens > 0
 
 
-def test_completion(servers):
-    r = _client(servers["w4"]).completions.create(model="m", prompt="import os\n", max_tokens=16, temperature=0,
-                                                   extra_body={"ignore_eos": True})
+def test_completion(w4):
+    r = _client(w4).completions.create(model="m", prompt="import os\n", max_tokens=16, temperature=0,
+                                       extra_body={"ignore_eos": True})
     assert r.choices[0].text and r.usage.completion_tokens == 16
 
 
-def test_streaming(servers):
-    chunks = list(_client(servers["w4"]).chat.completions.create(
+def test_streaming(w4):
+    chunks = list(_client(w4).chat.completions.create(
         model="m", messages=[{"role": "user", "content": "class Foo:"}], max_tokens=16, temperature=0, stream=True,
         extra_body={"ignore_eos": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -116,21 +134,10 @@ def _prompt_logprobs(srv, ids: list[int]) -> list[dict[int, float]]:
     return [{int(k): v["logprob"] for k, v in pos.items()} for pos in pl[1:]]
 
 
-def test_w8_kld_vs_bf16(servers, prompt_ids):
-    klds = []
-    for ids in prompt_ids[:KLD_PROMPTS]:
-        for p, q in zip(_prompt_logprobs(servers["bf16"], ids), _prompt_logprobs(servers["w8"], ids)):
-            floor = min(q.values())
-            klds.append(sum(math.exp(lp) * (lp - q.get(t, floor)) for t, lp in p.items()))
-    kld = sum(klds) / len(klds)
-    _result("kld_w8_vs_bf16", kld)
-    assert kld <= KLD_W8_MAX, f"mean KLD(bf16 || mxmoe W8) = {kld:.2e} over {len(klds)} positions"
-
-
-def test_w4_greedy_matches_dequantized_reference(servers, checkpoints, prompt_ids):
+def test_w4_greedy_matches_dequantized_reference(w4, checkpoints, prompt_ids):
     from mxserve.checkpoint.hf_model import load_model
     from mxserve.checkpoint.reader import HFCheckpoint
-    r = _client(servers["w4"]).completions.create(
+    r = _client(w4).completions.create(
         model="m", prompt=prompt_ids, max_tokens=GEN_TOKENS, temperature=0,
         extra_body={"ignore_eos": True, "return_token_ids": True})
     outs = {c.index: c.model_extra["token_ids"] for c in r.choices}
