@@ -146,6 +146,8 @@ class OffloadCounters:
     stall_seconds: float = 0.0    # compute time spent waiting for copies
     degraded: int = 0             # active experts run below their target prefix
     plane_mix: dict[int, int] = field(default_factory=lambda: {lv: 0 for lv in LEVELS})  # tokens per run level
+    prefetch_issued: int = 0      # experts that got a plane by look-ahead prefetch / backfill (once per arrival)
+    prefetch_useful: int = 0      # of which routed before their base was evicted
     resident_experts: int = 0     # gauge: experts with at least the base resident
     resident_bytes: int = 0       # gauge
 
@@ -154,5 +156,25 @@ class OffloadCounters:
         return {"hits": self.hits, "misses": self.misses, "bytes_moved": self.bytes_moved,
                 "prefetch_bytes": self.prefetch_bytes, "stall_seconds": self.stall_seconds,
                 "degraded": self.degraded, "plane_mix": {f"int{k}": v for k, v in self.plane_mix.items()},
+                "prefetch_issued": self.prefetch_issued, "prefetch_useful": self.prefetch_useful,
                 "resident_experts": self.resident_experts, "resident_bytes": self.resident_bytes,
                 "hit_rate": self.hits / max(self.hits + self.misses, 1)}
+
+    def metric_values(self, level: np.ndarray, host_pinned_bytes: int) -> dict:
+        """The ``sidechannel.publish("offload", ...)`` payload: keys of ``mxserve.metrics.definitions.WORKER_METRICS``.
+
+        Args:
+            level: [L, E] resident prefix per expert (``Residency.level``) for the ``resident_*`` gauges.
+            host_pinned_bytes: bytes of the pinned host arena.
+        Returns:
+            {"expert_cache_hits", "expert_cache_misses", "expert_h2d_bytes", "expert_stall_seconds",
+            "prefetch_issued", "prefetch_useful" (cumulative), "resident_experts", "resident_planes"
+            ({"2"|"3"|"4": experts whose resident prefix is exactly that many bits}), "host_pinned_bytes"}; plain
+            Python numbers.
+        """
+        return {"expert_cache_hits": int(self.hits), "expert_cache_misses": int(self.misses),
+                "expert_h2d_bytes": int(self.bytes_moved), "expert_stall_seconds": float(self.stall_seconds),
+                "prefetch_issued": int(self.prefetch_issued), "prefetch_useful": int(self.prefetch_useful),
+                "resident_experts": int((level >= BASE).sum()),
+                "resident_planes": {str(lv): int((level == lv).sum()) for lv in LEVELS},
+                "host_pinned_bytes": int(host_pinned_bytes)}

@@ -8,8 +8,10 @@ Lifecycle (one cache per model; all offloaded MoE layers share its slot pool):
   3. Per step and layer inside the MoE op (which must run outside CUDA-graph capture: vLLM splitting op, or eager):
      ``view = cache.ensure(l, topk_ids)``; compute with ``view.tables`` / ``view.pool``; optionally
      ``cache.prefetch(l + 1, predicted_ids)`` with the next layer's router applied to the current hidden states.
-  4. ``snapshot()`` -> counters dict for ``mxserve.metrics`` (hits, misses, bytes moved, stall seconds, resident
-     experts, plane mix).
+  4. ``snapshot()`` -> the ``sidechannel.publish("offload", ...)`` payload (keys of
+     ``mxserve.metrics.definitions.WORKER_METRICS``: hits, misses, H2D bytes, stall seconds, prefetches issued /
+     useful, resident experts, resident planes by bits, pinned host bytes); ``ensure`` of the last layer publishes
+     it at most every ``publish_interval_s``. ``stats()``: the bench/test view (plane mix in tokens, degraded, ...).
 
 ``ensure`` makes one host sync (the router's expert histogram), plans with ``policy.Policy``, issues copies on the
 side stream and makes the compute stream wait only for the planes this layer computes with.
@@ -69,12 +71,14 @@ class ExpertCache:
         time_model: compute estimates used for the degradation deadline (default from ``cfg.h2d_gbps``).
         measure_stall: time the compute stream's waits with CUDA events (resolved in ``snapshot``).
         arena: an existing host arena to share (benchmarks); default: a new pinned one.
+        publish_interval_s: publish ``snapshot()`` to the metrics side channel after the last layer's ``ensure`` at
+            most this often (None: never; the side channel itself writes only when ``MXSERVE_METRICS_DIR`` is set).
     """
 
     def __init__(self, cfg: OffloadConfig, layout: PlaneLayout, num_layers: int, num_experts: int, *,
                  target: np.ndarray | None = None, device: torch.device | str = "cuda",
                  time_model: TimeModel | None = None, measure_stall: bool = True,
-                 arena: HostArena | None = None) -> None:
+                 arena: HostArena | None = None, publish_interval_s: float | None = 1.0) -> None:
         self.cfg, self.layout, self.L, self.E = cfg, layout, num_layers, num_experts
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
@@ -96,6 +100,9 @@ class ExpertCache:
         self._copy_end_us = 0.0
         self._measure = measure_stall and cuda
         self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._prefetched = np.zeros((num_layers, num_experts), bool)   # [L, E] arrived by prefetch, not yet routed
+        self.publish_interval_s = publish_interval_s
+        self._last_publish = -float("inf")
 
     # ---- loading ---------------------------------------------------------------------------------------------
     def write_expert(self, layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -132,6 +139,13 @@ class ExpertCache:
 
     def _issue(self, plan: PrefetchPlan) -> None:
         self.state.apply(plan)
+        c = self.counters
+        for op in plan.ops:
+            if op.kind == "evict" and op.level == BASE:
+                self._prefetched[op.layer, op.expert] = False      # evicted before use: not useful
+            elif op.kind == "load" and not op.demand and not self._prefetched[op.layer, op.expert]:
+                self._prefetched[op.layer, op.expert] = True
+                c.prefetch_issued += 1
         self.engine.execute(plan)
         now = time.perf_counter() * 1e6
         nbytes = sum(op.nbytes for op in plan.loads)
@@ -161,6 +175,9 @@ class ExpertCache:
         window = sum(self.tm.expert_time(int(counts[e]), int(tgt[e])) for e in np.nonzero(resident)[0])
         backlog = max(self._copy_end_us - time.perf_counter() * 1e6, 0.0)
         plan = self.policy.plan(self.state, layer, counts, None, window_us=window, backlog_us=backlog)
+        routed = counts > 0
+        self.counters.prefetch_useful += int((self._prefetched[layer] & routed).sum())
+        self._prefetched[layer, routed] = False                   # before _issue: backfill counts at the next visit
         self._issue(plan)
         self._current = (layer, counts)
         c = self.counters
@@ -184,6 +201,11 @@ class ExpertCache:
         host[2] = torch.from_numpy(plan.run_level.astype(np.int32))
         # the pinned row is rewritten only at this layer's next ensure, after that ensure's host sync
         self._tables_dev[layer].copy_(host, non_blocking=True)
+        if layer == self.L - 1 and self.publish_interval_s is not None:
+            now = time.monotonic()
+            if now - self._last_publish >= self.publish_interval_s:
+                self._last_publish = now
+                self.publish_metrics()
         return SlotView(layer, self._tables_dev[layer], self.pool, plan.run_level.copy(), base, upper)
 
     def prefetch(self, layer: int, predicted_ids: torch.Tensor) -> int:
@@ -205,12 +227,28 @@ class ExpertCache:
         return sum(op.nbytes for op in plan.loads)
 
     # ---- metrics ---------------------------------------------------------------------------------------------
-    def snapshot(self) -> dict:
-        """Counters as a plain dict (``OffloadCounters.snapshot`` keys) plus budget gauges."""
+    def _resolve_stalls(self) -> None:
+        """Fold the stall-event pairs whose end already executed into ``stall_seconds`` (never blocks)."""
         done = [p for p in self._stall_events if p[1].query()]
         self._stall_events = [p for p in self._stall_events if not p[1].query()]
         self.counters.stall_seconds += sum(a.elapsed_time(b) for a, b in done) * 1e-3
         self.counters.resident_experts = int((self.state.level >= BASE).sum())
         self.counters.resident_bytes = self.state.resident_bytes(self.layout.plane_bytes)
+
+    def snapshot(self) -> dict:
+        """The metrics payload: ``sidechannel.publish("offload", cache.snapshot())`` (``OffloadCounters.metric_values``
+        keys, i.e. ``WORKER_METRICS`` keys; cumulative counters, current gauges)."""
+        self._resolve_stalls()
+        return self.counters.metric_values(self.state.level, self.arena.nbytes)
+
+    def publish_metrics(self) -> None:
+        """Publish ``snapshot()`` under the side-channel section ``"offload"`` (rate-limited by the side channel)."""
+        from mxserve.metrics import sidechannel      # lazy: prometheus_client only where metrics are used
+        sidechannel.publish("offload", self.snapshot())
+
+    def stats(self) -> dict:
+        """Bench/test view: ``OffloadCounters.snapshot`` keys (hits, misses, bytes_moved, stall_seconds, degraded,
+        plane_mix in routed tokens per run level, ...) plus budget gauges."""
+        self._resolve_stalls()
         return {**self.counters.snapshot(), "slots": self.S, "slot_bytes": self.layout.slot_bytes,
                 "budget_bytes": self.S * self.layout.slot_bytes, "policy": self.cfg.policy}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from mxserve.metrics import sidechannel
 from mxserve.scheduler.bench import synthetic_expert
 from mxserve.scheduler.cache import Residency
 from mxserve.scheduler.config import OffloadConfig
@@ -46,8 +47,11 @@ def test_cuda_cache_serves_exact_planes(experts, frac, on_miss):
                 got = view.expert_tensors(int(e))
                 for name, tensor in got.items():      # read on the compute stream after ensure's waits
                     torch.testing.assert_close(tensor.cpu(), experts[(l, int(e))][name], **BIT_EXACT)
-    snap = cache.snapshot()
+    torch.cuda.synchronize()                    # every stall event resolved: stats() and snapshot() agree
+    snap = cache.stats()
     assert snap["stall_seconds"] >= 0 and sum(snap["plane_mix"].values()) == tr.topk.size
+    metrics = sidechannel.validate("offload", cache.snapshot())     # the published payload, from CUDA events
+    assert metrics["expert_stall_seconds"] == snap["stall_seconds"]
 
 
 def _plan(layout, slots, layer_counts, evict_first: bool):

@@ -66,7 +66,7 @@ def test_cache_serves_exact_planes(experts, policy, frac, on_miss):
                 checked += 1
             cache.state.check()
             assert cache.state.slots_used <= cache.S
-    snap = cache.snapshot()
+    snap = cache.stats()
     assert snap["hits"] + snap["misses"] == sum(len(set(tr.topk[s, l].ravel().tolist()))
                                                 for s in range(tr.num_steps) for l in range(L))
     assert sum(snap["plane_mix"].values()) == tr.topk.size
@@ -99,3 +99,45 @@ def test_prefetch_only_for_lookahead_layers(experts):
     assert cache.prefetch(2, ids) == 0                  # beyond the look-ahead depth
     assert cache.prefetch(1, ids) == 4 * LAYOUT.expert_bytes
     assert (cache.state.level[1, :4] == 4).all()
+
+
+def test_snapshot_is_the_sidechannel_payload(experts, tmp_path):
+    from mxserve.metrics import sidechannel
+    from mxserve.metrics.definitions import WORKER_METRICS
+    cfg = OffloadConfig(gpu_budget_fraction=0.4, lookahead=1, on_miss="base")
+    cache = ExpertCache(cfg, LAYOUT, L, E, device="cpu", publish_interval_s=0.0)
+    for (l, e), t in experts.items():
+        cache.write_expert(l, e, t)
+    cache.preload()
+    tr = synth_trace(4, L, E, K, T, seed=5)
+    for s in range(tr.num_steps):
+        for l in range(L):
+            cache.ensure(l, torch.from_numpy(tr.topk[s, l]))
+            if l + 1 < L:
+                cache.prefetch(l + 1, torch.from_numpy(tr.pred[s, l + 1]))
+    snap, stats = cache.snapshot(), cache.stats()
+    assert set(snap) <= set(WORKER_METRICS)
+    assert sidechannel.validate("offload", snap) == sidechannel.validate("offload", snap)   # raises on a bad key
+    assert (snap["expert_cache_hits"], snap["expert_cache_misses"], snap["expert_h2d_bytes"]) == \
+        (stats["hits"], stats["misses"], stats["bytes_moved"])
+    lv = cache.state.level
+    assert snap["resident_experts"] == int((lv > 0).sum()) == sum(snap["resident_planes"].values())
+    assert snap["resident_planes"]["4"] == int((lv == 4).sum()) and snap["host_pinned_bytes"] == cache.arena.nbytes
+    assert 0 < snap["prefetch_useful"] <= snap["prefetch_issued"]
+    # ensure() of the last layer published it: the side channel holds this section (written on flush)
+    path = sidechannel.flush(str(tmp_path))
+    import json
+    with open(path) as f:
+        assert json.load(f)["sections"]["offload"] == sidechannel.validate("offload", snap)
+
+
+def test_prefetch_useful_counts_routed_prefetched_experts(experts):
+    cfg = OffloadConfig(gpu_budget_fraction=0.5, lookahead=1, on_miss="wait")     # "wait": no backfill loads
+    cache = ExpertCache(cfg, LAYOUT, L, E, device="cpu", publish_interval_s=None)
+    cache.ensure(0, torch.tensor([[0, 1, 2, 3]]))
+    cache.prefetch(1, torch.tensor([[4, 5, 6, 7]]))
+    assert cache.snapshot()["prefetch_issued"] == 4 and cache.snapshot()["prefetch_useful"] == 0
+    cache.ensure(1, torch.tensor([[4, 5, 8, 9]]))
+    assert cache.snapshot()["prefetch_useful"] == 2
+    cache.ensure(1, torch.tensor([[4, 5, 6, 9]]))              # 6 was prefetched, 4/5 already counted
+    assert cache.snapshot()["prefetch_useful"] == 3
