@@ -3,9 +3,9 @@
 File ``moe/configs/E=<E>,H=<H>,I=<I>,device_name=<dev>.json`` (dense linears: ``E=1,N=<N>,K=<K>,...``) maps a token
 count M (string key) to ``{"w13": cfg, "w2": cfg}`` (dense: ``{"w": cfg}``), cfg = ``{BLOCK_M, BLOCK_N, BLOCK_K,
 num_warps, num_stages}``; lookup takes the nearest key. Without a file, ``default_config`` applies (documented in
-docs/kernels.md): decode (<= 4 rows per expert on average) BLOCK_M 16 / BLOCK_N 64 / BLOCK_K 128 / 4 warps /
-3 stages; mid BLOCK_M 32 / 64 / 128; prefill BLOCK_M 64 / BLOCK_N 128 / BLOCK_K 64 / 8 warps / 3 stages. The
-serving path never autotunes.
+docs/kernels.md): decode (<= 4 rows per expert on average) BLOCK_M 16 / BLOCK_N 32 / BLOCK_K 16 / 4 warps /
+3 stages; mid BLOCK_M 32 / 64 / 16; prefill BLOCK_M 64 / BLOCK_N 128 / BLOCK_K 32 / 8 warps / 2 stages. BLOCK_K is the K
+extent of one tl.dot (code words per step for integer experts). The serving path never autotunes.
 """
 from __future__ import annotations
 
@@ -33,12 +33,15 @@ def config_filename(key: dict[str, int], dev: str) -> str:
 
 
 def default_config(rows_per_expert: float) -> dict[str, int]:
-    """The documented default when no tuned file matches (rows_per_expert = T*K/E, or M for a dense linear)."""
+    """The documented default when no tuned file matches (rows_per_expert = T*K/E, or M for a dense linear).
+
+    BLOCK_K is the K extent of one tl.dot: code words per iteration for integer experts (BLOCK_K * 32/B K rows),
+    2*BLOCK_K K rows for bf16 experts (``moe/grouped_gemm_kernels.py``)."""
     if rows_per_expert <= 4:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=3)
     if rows_per_expert <= 48:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=2)
 
 
 @functools.lru_cache(maxsize=64)

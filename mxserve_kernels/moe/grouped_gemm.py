@@ -80,8 +80,8 @@ def grouped_gemm(x: torch.Tensor, w: PackedWeights, cfg: dict[str, int], *, mode
         raise ValueError(f"grouped_gemm: x must be [R, {w.k}], got {list(x.shape)}")
     if x.dtype not in _ACT_DTYPES:
         raise ValueError(f"grouped_gemm: x dtype {x.dtype} not in {_ACT_DTYPES}")
-    if cfg["BLOCK_K"] % 32 or cfg["BLOCK_M"] < 16 or cfg["BLOCK_N"] < 16:
-        raise ValueError(f"grouped_gemm: config {cfg} needs BLOCK_K % 32 == 0 and BLOCK_M, BLOCK_N >= 16")
+    if any(cfg[b] < 16 or cfg[b] & (cfg[b] - 1) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")):
+        raise ValueError(f"grouped_gemm: config {cfg} needs BLOCK_M, BLOCK_N, BLOCK_K powers of two >= 16")
     if x.stride(1) != 1:
         x = x.contiguous()
     n_out = w.n // 2 if mode == MODE_GATE_UP else w.n

@@ -2,13 +2,21 @@
 
 One launch covers every expert of a projection whatever its scheme: each program owns one (m-block, n-block) tile,
 reads its expert's ``einfo`` row and branches once, outside the K loop, to a K loop specialised (constexpr) for
-that kind (bf16, int2/4/8, int3 = 2-bit plane + high-bit plane, nested int2 + 1..2 sign planes). Weights are
-dequantized in registers (``q * scale + zero`` in fp32, the reference's expression) to the activation dtype and fed
-to ``tl.dot`` with fp32 accumulation.
+that kind (bf16, int1/2/4/8, int3 = 2-bit plane + high-bit plane, nested int2 + 1..2 sign planes).
+
+Integer K loop (v1, no register reshapes): each iteration loads a ``[BLOCK_K, BLOCK_N]`` tile of int32 code words
+(word row ``kw`` holds K rows ``kw*PER .. kw*PER+PER-1``, PER = 32/B) once, then for each code slot ``j < PER``
+extracts the ``[BLOCK_K, BLOCK_N]`` codes of K rows ``kw*PER + j`` with one shift+mask, dequantizes them
+(``q * scale + zero`` in fp32, the reference's expression; scale row ``kw*PER // G`` is the same for every j since
+PER divides G) and feeds ``tl.dot`` with the matching strided activation columns. So codes are read once, unpacking
+is one shift per element, and there is no reshape / layout shuffle of weight tiles in registers.
 
 Modes (constexpr ``MODE``): 0 plain ``out[r] = x[r // a_div] @ W^T``; 1 gate_up with fused SiLU-and-mul
 (``out[r] = silu(x W_gate^T) * (x W_up^T)``, gate rows ``[0, n_up)``, up rows ``[n_up, 2 n_up)``);
 2 down with the router weight ``out[r] = topk_w[r] * (x[r] @ W^T)``.
+
+Config: BLOCK_K is the K extent of one ``tl.dot`` (code words per iteration for integer kinds, i.e. BLOCK_K*PER K
+rows per iteration; bf16 experts step 2*BLOCK_K rows per iteration).
 """
 from __future__ import annotations
 
@@ -17,84 +25,108 @@ import triton.language as tl
 
 
 @triton.jit
-def _rep(t, R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[BLOCK_K/R, BLOCK_N] -> [BLOCK_K, BLOCK_N], each row repeated R times (row j -> rows j*R .. j*R+R-1)."""
-    return tl.reshape(tl.broadcast_to(t[:, None, :], (BLOCK_K // R, R, BLOCK_N)), (BLOCK_K, BLOCK_N))
+def _dot(a, w, acc, IS_FP32: tl.constexpr):
+    if IS_FP32:  # fp32 activations, or the CPU interpreter (whose bf16 tl.dot is wrong): exact fp32 dot
+        return tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, w.to(a.dtype), acc)
 
 
 @triton.jit
-def _unpack(words, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """int32 words [BLOCK_K*BITS/32, BLOCK_N] -> codes [BLOCK_K, BLOCK_N] (code j of a word in bits [j*B, j*B+B))."""
-    PER: tl.constexpr = 32 // BITS
-    sh = tl.arange(0, PER) * BITS
-    q = (words[:, None, :] >> sh[None, :, None]) & ((1 << BITS) - 1)
-    return tl.reshape(q, (BLOCK_K, BLOCK_N))
-
-
-@triton.jit
-def _dq_tile(qw_ptr, pw_ptr, meta_ptr, wbf_ptr, qoff, poff, moff, woff, g, wcols, K, k0, offs_n, n_mask,
-             KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr, BLOCK_K: tl.constexpr,
-             BLOCK_N: tl.constexpr):
-    """Dequantized weight tile, fp32 [BLOCK_K, BLOCK_N] (W^T rows k0.., columns offs_n). Codes, planes and
-    metadata are loaded compactly (one int32 word / one scale per 32 rows) and expanded in registers, so each byte
-    is read once. Requires BLOCK_K % 32 == 0 and K % 32 == 0 for integer kinds (G in {32, 64, 128})."""
-    col = offs_n[None, :]
-    if KIND == 1:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = (offs_k < K)[:, None] & n_mask[None, :]
-        w = tl.load(wbf_ptr + woff + offs_k[:, None] * wcols + col, mask=mask, other=0.0).to(tl.float32)
-    else:
-        PER: tl.constexpr = 32 // BITS
-        offs_w = k0 // PER + tl.arange(0, BLOCK_K // PER)
-        words = tl.load(qw_ptr + qoff + offs_w[:, None] * wcols + col,
-                        mask=(offs_w < K // PER)[:, None] & n_mask[None, :], other=0)
-        q = _unpack(words, BITS, BLOCK_K, BLOCK_N)
-        offs_32 = k0 // 32 + tl.arange(0, BLOCK_K // 32)  # 32-row chunks: one group each (G % 32 == 0)
-        m32 = (offs_32 < K // 32)[:, None] & n_mask[None, :]
-        if KIND == 3:  # int3: high bit lives in a 1-bit plane
-            hi = tl.load(pw_ptr + poff + offs_32[:, None] * wcols + col, mask=m32, other=0)
-            q = q | (_unpack(hi, 1, BLOCK_K, BLOCK_N) << 2)
-        k_groups = K // g
-        gi = (offs_32 * 32 // g)[:, None]
-        s = tl.load(meta_ptr + moff + gi * wcols + col, mask=m32, other=0.0).to(tl.float32)
-        z = tl.load(meta_ptr + moff + (k_groups + gi) * wcols + col, mask=m32, other=0.0).to(tl.float32)
-        w = q.to(tl.float32) * _rep(s, 32, BLOCK_K, BLOCK_N) + _rep(z, 32, BLOCK_K, BLOCK_N)
-        if KIND == 4:  # nested: + sum_p (2*bit_p - 1) * plane_scale_p
-            for p in tl.static_range(NP):
-                pb = tl.load(pw_ptr + poff + (p * (K // 32) + offs_32[:, None]) * wcols + col, mask=m32, other=0)
-                sp = tl.load(meta_ptr + moff + ((2 + p) * k_groups + gi) * wcols + col, mask=m32,
-                             other=0.0).to(tl.float32)
-                sign = _unpack(pb, 1, BLOCK_K, BLOCK_N).to(tl.float32) * 2.0 - 1.0
-                w = w + sign * _rep(sp, 32, BLOCK_K, BLOCK_N)
+def _dq(words, s, z, p0, sp0, p1, sp1, psh, J: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr,
+        NP: tl.constexpr):
+    """fp32 weights of code slot J: ``q * s + z`` (+ high bit for int3, + signed planes for nested)."""
+    q = (words >> (J * BITS)) & ((1 << BITS) - 1)
+    if KIND == 3:
+        q = q | (((p0 >> (psh + J)) & 1) << 2)
+    w = q.to(tl.float32) * s + z
+    if KIND == 4:
+        w = w + (((p0 >> (psh + J)) & 1).to(tl.float32) * 2.0 - 1.0) * sp0
+        if NP == 2:
+            w = w + (((p1 >> (psh + J)) & 1).to(tl.float32) * 2.0 - 1.0) * sp1
     return w
 
 
 @triton.jit
-def _expert_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr, wbf_ptr,
-                 qoff, poff, moff, woff, g, wcols, n_up, K, offs_n, n_mask,
-                 KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr, DUAL: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, IS_FP32: tl.constexpr):
-    """acc (+acc2 for the up half when DUAL) += x[rows] @ dequant(W)^T over all of K; fp32 [BLOCK_M, BLOCK_N]."""
-    offs_kb = tl.arange(0, BLOCK_K)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + offs_kb
-        k_mask = offs_k < K
-        a = tl.load(x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :],
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = _dq_tile(qw_ptr, pw_ptr, meta_ptr, wbf_ptr, qoff, poff, moff, woff, g, wcols, K, k0, offs_n, n_mask,
-                     KIND, BITS, NP, BLOCK_K, BLOCK_N).to(a.dtype)
-        if IS_FP32:  # fp32 activations, or the CPU interpreter (whose bf16 tl.dot is wrong): exact fp32 dot
-            a = a.to(tl.float32)
-            acc = tl.dot(a, w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
+def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols,
+              n_up, K, offs_n, n_mask, KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr,
+              DUAL: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr):
+    """acc (+acc2 for the up half when DUAL) += x[rows] @ dequant(W)^T over all of K for an integer expert."""
+    PER: tl.constexpr = 32 // BITS
+    kw_total = K // PER
+    kg = K // g
+    k32 = K // 32
+    col = offs_n[None, :]
+    col2 = col + n_up
+    offs_w = tl.arange(0, BLOCK_K)
+    for w0 in range(0, kw_total, BLOCK_K):
+        wr = w0 + offs_w
+        wm = wr < kw_total
+        m2 = wm[:, None] & n_mask[None, :]
+        kr = wr * PER  # K row of code slot 0 of each word
+        gi = (kr // g)[:, None]
+        psh = (kr % 32)[:, None]  # bit of row kr in its 1-bit plane word (PER divides 32)
+        pr = (kr // 32)[:, None]
+        words = tl.load(qw_ptr + qoff + wr[:, None] * wcols + col, mask=m2, other=0)
+        s = tl.load(meta_ptr + moff + gi * wcols + col, mask=m2, other=0.0).to(tl.float32)
+        z = tl.load(meta_ptr + moff + (kg + gi) * wcols + col, mask=m2, other=0.0).to(tl.float32)
+        p0 = words
+        p1 = words
+        sp0 = s
+        sp1 = s
+        words2 = words
+        s2 = s
+        z2 = z
+        q0 = words
+        q1 = words
+        tp0 = s
+        tp1 = s
+        if KIND >= 3:
+            p0 = tl.load(pw_ptr + poff + pr * wcols + col, mask=m2, other=0)
+            if NP == 2:
+                p1 = tl.load(pw_ptr + poff + (k32 + pr) * wcols + col, mask=m2, other=0)
+        if KIND == 4:
+            sp0 = tl.load(meta_ptr + moff + (2 * kg + gi) * wcols + col, mask=m2, other=0.0).to(tl.float32)
+            if NP == 2:
+                sp1 = tl.load(meta_ptr + moff + (3 * kg + gi) * wcols + col, mask=m2, other=0.0).to(tl.float32)
         if DUAL:
-            w2 = _dq_tile(qw_ptr, pw_ptr, meta_ptr, wbf_ptr, qoff, poff, moff, woff, g, wcols, K, k0,
-                          offs_n + n_up, n_mask, KIND, BITS, NP, BLOCK_K, BLOCK_N).to(a.dtype)
-            if IS_FP32:
-                acc2 = tl.dot(a, w2.to(tl.float32), acc2, input_precision="ieee")
-            else:
-                acc2 = tl.dot(a, w2, acc2)
+            words2 = tl.load(qw_ptr + qoff + wr[:, None] * wcols + col2, mask=m2, other=0)
+            s2 = tl.load(meta_ptr + moff + gi * wcols + col2, mask=m2, other=0.0).to(tl.float32)
+            z2 = tl.load(meta_ptr + moff + (kg + gi) * wcols + col2, mask=m2, other=0.0).to(tl.float32)
+            if KIND >= 3:
+                q0 = tl.load(pw_ptr + poff + pr * wcols + col2, mask=m2, other=0)
+                if NP == 2:
+                    q1 = tl.load(pw_ptr + poff + (k32 + pr) * wcols + col2, mask=m2, other=0)
+            if KIND == 4:
+                tp0 = tl.load(meta_ptr + moff + (2 * kg + gi) * wcols + col2, mask=m2, other=0.0).to(tl.float32)
+                if NP == 2:
+                    tp1 = tl.load(meta_ptr + moff + (3 * kg + gi) * wcols + col2, mask=m2,
+                                  other=0.0).to(tl.float32)
+        a_ptrs = x_ptr + x_rows[:, None] * stride_xm + kr[None, :]
+        a_mask = row_mask[:, None] & wm[None, :]
+        for j in tl.static_range(PER):
+            a = tl.load(a_ptrs + j, mask=a_mask, other=0.0)
+            acc = _dot(a, _dq(words, s, z, p0, sp0, p1, sp1, psh, j, KIND, BITS, NP), acc, IS_FP32)
+            if DUAL:
+                acc2 = _dot(a, _dq(words2, s2, z2, q0, tp0, q1, tp1, psh, j, KIND, BITS, NP), acc2, IS_FP32)
+    return acc, acc2
+
+
+@triton.jit
+def _bf16_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, wbf_ptr, woff, wcols, n_up, K, offs_n, n_mask,
+               DUAL: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr):
+    """acc (+acc2) += x[rows] @ W^T for a bf16 expert (weights fed straight to tl.dot, 2*BLOCK_K rows a step)."""
+    BK: tl.constexpr = 2 * BLOCK_K
+    offs_kb = tl.arange(0, BK)
+    for k0 in range(0, K, BK):
+        offs_k = k0 + offs_kb
+        km = offs_k < K
+        a = tl.load(x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :], mask=row_mask[:, None] & km[None, :],
+                    other=0.0)
+        wp = wbf_ptr + woff + offs_k[:, None] * wcols + offs_n[None, :]
+        wmask = km[:, None] & n_mask[None, :]
+        acc = _dot(a, tl.load(wp, mask=wmask, other=0.0), acc, IS_FP32)
+        if DUAL:
+            acc2 = _dot(a, tl.load(wp + n_up, mask=wmask, other=0.0), acc2, IS_FP32)
     return acc, acc2
 
 
@@ -121,57 +153,61 @@ def grouped_gemm_kernel(x_ptr, out_ptr, qw_ptr, pw_ptr, meta_ptr, wbf_ptr, einfo
         live = (pid_m * BLOCK_M < num_post) & (e >= 0)
         e = tl.maximum(e, 0)
         rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + offs_m)
-    row_mask = (rows < num_valid) & live
-    x_rows = tl.where(row_mask, rows // a_div, 0)
-    info = einfo_ptr + e * NFIELDS
-    kind = tl.where(live, tl.load(info + 0), 0)
-    bits = tl.load(info + 1)
-    g = tl.maximum(tl.load(info + 2).to(tl.int32), 1)
-    qoff = tl.load(info + 3)
-    poff = tl.load(info + 4)
-    moff = tl.load(info + 5)
-    woff = tl.load(info + 6)
-    npl = tl.load(info + 7)
-    DUAL: tl.constexpr = MODE == 1
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if kind == 2:
-        if bits == 4:
-            acc, acc2 = _expert_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                     wbf_ptr, qoff, poff, moff, woff, g, wcols, n_up, K, offs_n, n_mask,
-                                     2, 4, 0, DUAL, BLOCK_K, BLOCK_N, IS_FP32)
-        elif bits == 2:
-            acc, acc2 = _expert_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                     wbf_ptr, qoff, poff, moff, woff, g, wcols, n_up, K, offs_n, n_mask,
-                                     2, 2, 0, DUAL, BLOCK_K, BLOCK_N, IS_FP32)
+    if live:
+        row_mask = rows < num_valid
+        x_rows = tl.where(row_mask, rows // a_div, 0)
+        info = einfo_ptr + e * NFIELDS
+        kind = tl.load(info + 0)
+        bits = tl.load(info + 1)
+        g = tl.maximum(tl.load(info + 2).to(tl.int32), 1)
+        qoff = tl.load(info + 3)
+        poff = tl.load(info + 4)
+        moff = tl.load(info + 5)
+        woff = tl.load(info + 6)
+        npl = tl.load(info + 7)
+        DUAL: tl.constexpr = MODE == 1
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if kind == 2:
+            if bits == 4:
+                acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
+                                      qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
+                                      2, 4, 0, DUAL, BLOCK_K, IS_FP32)
+            elif bits == 2:
+                acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
+                                      qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
+                                      2, 2, 0, DUAL, BLOCK_K, IS_FP32)
+            elif bits == 1:
+                acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
+                                      qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
+                                      2, 1, 0, DUAL, BLOCK_K, IS_FP32)
+            else:
+                acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
+                                      qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
+                                      2, 8, 0, DUAL, BLOCK_K, IS_FP32)
+        elif kind == 3:
+            acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
+                                  qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
+                                  3, 2, 1, DUAL, BLOCK_K, IS_FP32)
+        elif kind == 4:
+            if npl == 1:
+                acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
+                                      qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
+                                      4, 2, 1, DUAL, BLOCK_K, IS_FP32)
+            else:
+                acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
+                                      qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
+                                      4, 2, 2, DUAL, BLOCK_K, IS_FP32)
+        elif kind == 1:
+            acc, acc2 = _bf16_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, wbf_ptr, woff, wcols, n_up, K,
+                                   offs_n, n_mask, DUAL, BLOCK_K, IS_FP32)
+        if MODE == 1:
+            res = acc / (1.0 + tl.exp(-acc)) * acc2
+        elif MODE == 2:
+            tw = tl.load(topk_w_ptr + x_rows, mask=row_mask, other=0.0).to(tl.float32)
+            res = acc * tw[:, None]
         else:
-            acc, acc2 = _expert_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                     wbf_ptr, qoff, poff, moff, woff, g, wcols, n_up, K, offs_n, n_mask,
-                                     2, 8, 0, DUAL, BLOCK_K, BLOCK_N, IS_FP32)
-    elif kind == 3:
-        acc, acc2 = _expert_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                 wbf_ptr, qoff, poff, moff, woff, g, wcols, n_up, K, offs_n, n_mask,
-                                 3, 2, 1, DUAL, BLOCK_K, BLOCK_N, IS_FP32)
-    elif kind == 4:
-        if npl == 1:
-            acc, acc2 = _expert_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                     wbf_ptr, qoff, poff, moff, woff, g, wcols, n_up, K, offs_n, n_mask,
-                                     4, 2, 1, DUAL, BLOCK_K, BLOCK_N, IS_FP32)
-        else:
-            acc, acc2 = _expert_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                     wbf_ptr, qoff, poff, moff, woff, g, wcols, n_up, K, offs_n, n_mask,
-                                     4, 2, 2, DUAL, BLOCK_K, BLOCK_N, IS_FP32)
-    elif kind == 1:
-        acc, acc2 = _expert_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                 wbf_ptr, qoff, poff, moff, woff, g, wcols, n_up, K, offs_n, n_mask,
-                                 1, 16, 0, DUAL, BLOCK_K, BLOCK_N, IS_FP32)
-    if MODE == 1:
-        res = acc / (1.0 + tl.exp(-acc)) * acc2
-    elif MODE == 2:
-        tw = tl.load(topk_w_ptr + x_rows, mask=row_mask, other=0.0).to(tl.float32)
-        res = acc * tw[:, None]
-    else:
-        res = acc
-    out_rows = tl.where(row_mask, rows, 0)
-    tl.store(out_ptr + out_rows[:, None] * stride_om + offs_n[None, :], res.to(out_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & n_mask[None, :])
+            res = acc
+        out_rows = tl.where(row_mask, rows, 0)
+        tl.store(out_ptr + out_rows[:, None] * stride_om + offs_n[None, :], res.to(out_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & n_mask[None, :])

@@ -6,9 +6,18 @@ slot) pairs ``r = t*K + k`` sorted by expert, each expert's run padded to a mult
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+
+try:  # importable without Triton
+    import triton
+
+    from mxserve_kernels.moe import routing_kernels as _rk
+    _HAS_TRITON = True
+except Exception:  # pragma: no cover
+    _HAS_TRITON = False
 
 
 @dataclass
@@ -37,7 +46,7 @@ def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
-              expert_map: torch.Tensor | None = None) -> Route:
+              expert_map: torch.Tensor | None = None, *, use_triton: bool | None = None) -> Route:
     """Group (token, slot) pairs by expert and build the tile map.
 
     Args:
@@ -45,11 +54,47 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
         num_experts: E, local experts of the weights.
         block_m: BLOCK_M of the GEMM launches.
         expert_map: optional [E_global] int global -> local id, -1 = not on this rank (those pairs are dropped).
+        use_triton: force (True) or forbid (False) the one-launch Triton kernel; default: used when T*K <=
+            ``routing_kernels.MAX_PAIRS`` on CUDA (or under TRITON_INTERPRET=1). Both paths give identical output.
     Returns:
         Route.
     """
     if topk_ids.dim() != 2:
         raise ValueError(f"moe_align: topk_ids must be [T, K], got {list(topk_ids.shape)}")
+    tk = topk_ids.numel()
+    if use_triton is None:
+        use_triton = (_HAS_TRITON and 0 < tk <= _rk.MAX_PAIRS
+                      and (topk_ids.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+    if use_triton:
+        return _moe_align_triton(topk_ids, num_experts, block_m, expert_map)
+    return moe_align_torch(topk_ids, num_experts, block_m, expert_map)
+
+
+def _moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int,
+                      expert_map: torch.Tensor | None) -> Route:
+    dev = topk_ids.device
+    tk = topk_ids.numel()
+    if tk > _rk.MAX_PAIRS:
+        raise ValueError(f"moe_align: the Triton path takes at most {_rk.MAX_PAIRS} pairs, got {tk}")
+    max_rows = max_padded_rows(tk, num_experts, block_m)
+    nblocks = max_rows // block_m
+    sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(nblocks, dtype=torch.int32, device=dev)
+    num_post = torch.empty(1, dtype=torch.int32, device=dev)
+    e_p2 = triton.next_power_of_2(num_experts + 1)
+    scratch = torch.empty(e_p2, dtype=torch.int32, device=dev)
+    ids = topk_ids.reshape(-1)
+    emap = expert_map.to(dev) if expert_map is not None else scratch
+    _rk.moe_align_kernel[(1,)](ids, emap, sorted_ids, block_expert, num_post, scratch, tk, num_experts, max_rows,
+                               nblocks, HAS_MAP=expert_map is not None, PAIRS=max(16, triton.next_power_of_2(tk)),
+                               E_P2=e_p2, BLOCK_M=block_m, FILL=1024, BB=max(16, min(64, 4096 // e_p2)),
+                               num_warps=4)
+    return Route(sorted_ids, block_expert, num_post, tk, block_m)
+
+
+def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int,
+                    expert_map: torch.Tensor | None = None) -> Route:
+    """``moe_align`` in plain torch ops (any batch size; the CPU path and the large-T path)."""
     dev = topk_ids.device
     flat = topk_ids.reshape(-1).to(torch.int64)
     tk = flat.numel()

@@ -15,7 +15,7 @@ from tests.tolerances import BIT_EXACT, GROUPED_GEMM_REL_MEAN, rel_mean_err
 from tests.unit._kernel_cases import make_routing
 
 MIX = ["int4_g128_asym", "int2_g128_asym", "int3_g128_asym", "int8_g128_sym", "bf16", "int2_g128_asym_nested4",
-       "int4_g64_sym_fp16", "int2_g32_asym_nested3"]
+       "int4_g64_sym_fp16", "int2_g32_asym_nested3", "int1_g128_asym"]
 
 # (case, T, K, E, H, I, routing kind, schemes cycled over experts)
 GRID = [
@@ -30,6 +30,8 @@ GRID = [
     ("mixtral_decode", 4, 2, 8, 4096, 14336, "random", ["int4_g128_asym", "int2_g128_asym"]),
     ("olmoe_prefill", 2048, 8, 16, 2048, 1024, "random", ["int4_g128_asym", "int8_g128_sym", "int3_g128_asym"]),
     ("uniform_w4", 256, 8, 16, 2048, 768, "random", ["int4_g128_asym"]),
+    ("uniform_w1_decode", 16, 8, 32, 2048, 768, "random", ["int1_g128_asym"]),
+    ("qwen3_decode_T64", 64, 8, 128, 2048, 768, "random", ["int4_g128_asym", "int2_g128_asym", "int8_g128_sym"]),
 ]
 
 
@@ -92,3 +94,14 @@ def test_dequant_in_kernel_bit_exact_gpu():
         lw = prepare_linear(s, t, k=256)
         got = dequant_linear(torch.eye(256, device="cuda"), lw)  # fp32 IEEE dot with identity = W^T exactly
         torch.testing.assert_close(got.t(), qref.dequantize(s, t, 256), **BIT_EXACT)
+
+
+@pytest.mark.parametrize("t,k,e,block_m", [(1, 8, 128, 16), (16, 8, 128, 16), (64, 8, 128, 32), (128, 8, 128, 64),
+                                           (7, 4, 60, 16)])
+def test_moe_align_triton_equals_torch_gpu(t, k, e, block_m):
+    from mxserve_kernels.moe.routing import moe_align
+    tw, ids = make_routing(t, k, e, "random", device="cuda")
+    a = moe_align(ids, e, block_m, use_triton=True)
+    b = moe_align(ids, e, block_m, use_triton=False)
+    assert torch.equal(a.num_post, b.num_post) and torch.equal(a.block_expert, b.block_expert)
+    assert torch.equal(a.sorted_ids, b.sorted_ids)

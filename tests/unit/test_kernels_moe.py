@@ -18,8 +18,8 @@ from tests.tolerances import BIT_EXACT, GROUPED_GEMM_REL_MEAN, rel_mean_err
 from tests.unit._kernel_cases import make_experts, make_routing
 
 ALL_SCHEMES = ["int2_g32_asym", "int3_g64_sym", "int4_g32_asym", "int8_g32_sym_fp16", "bf16",
-               "int2_g32_asym_nested3", "int2_g32_asym_nested4", "int2_g32_asym_nested2", "int4_g128_sym",
-               "int3_g32_asym", "int8_g64_asym"]
+               "int2_g32_asym_nested3", "int2_g32_asym_nested4", "int1_g32_asym", "int2_g32_asym_nested2",
+               "int4_g128_sym", "int3_g32_asym", "int8_g64_asym", "int1_g128_asym_fp16"]
 
 
 @pytest.mark.parametrize("name", ALL_SCHEMES)
