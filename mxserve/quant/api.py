@@ -31,8 +31,9 @@ SERVING_BATCH_TOKENS = 256
 def candidate_schemes(group_size: int, nested: bool, names: list[str] | None = None) -> list[WeightScheme]:
     """Allocator candidates.
 
-    Default: int2/3/4/8 asym at ``group_size``; int2/int3 asym at half the group size (finer steps between the
-    integer widths); int2 symmetric (ternary, the only scheme below int2 asym's bits). Nested: the int2-base
+    Default: int1/2/3/4/8 asym at ``group_size`` (int1 = MxMoE's w1, 1.25 bits at g128: the cheap end that lets
+    the allocator pay for int3/int4 on sensitive experts at a 2.25 budget); int2/int3 asym at half the group size
+    (finer steps between the integer widths); int2 symmetric (ternary, 2.125 bits). Nested: the int2-base
     prefixes 2, 3, 4. ``names`` overrides with explicit scheme names.
     """
     if names:
@@ -44,6 +45,16 @@ def candidate_schemes(group_size: int, nested: bool, names: list[str] | None = N
         out += [WeightScheme(2, group_size // 2), WeightScheme(3, group_size // 2)]
     out.append(WeightScheme(2, group_size, symmetric=True))
     return sorted(out, key=lambda s: (s.bits_per_weight, s.name))
+
+
+def uniform_baseline(cands: list[WeightScheme], bits: float, group_size: int) -> WeightScheme:
+    """The issue's baseline: uniform (GPTQ) at the same true bits = the plain asymmetric scheme at ``group_size``
+    with the most bits (metadata included) not above ``bits`` (int2_g128_asym at 2.25, int3_g128_asym at 3.25)."""
+    plain = [c for c in cands if not c.symmetric and not c.nested and c.group_size == group_size]
+    return uniform_scheme(plain or cands, bits)
+
+
+SENS_NORMS = ("layer", "none")
 
 
 def _progress(it, desc: str, on: bool):
@@ -61,6 +72,7 @@ class _Job:
         self.attn_scheme, self.shared_scheme = attn_scheme, shared_scheme
         self.device, self.progress = device, progress
         self.stats = RouterStats()
+        self.layer_energy: dict[int, float] = {}
 
     # ---- names ----------------------------------------------------------------------------------------------
     def dense_targets(self, layer_mod, l: int) -> dict[str, tuple[str, WeightScheme]]:
@@ -87,7 +99,14 @@ class _Job:
         return hasattr(getattr(layer_mod, "mlp", None), "experts")
 
     # ---- pass 1 ---------------------------------------------------------------------------------------------
-    def sensitivity(self, drv: LayerDriver, r: float) -> tuple[dict, dict, dict]:
+    def sensitivity(self, drv: LayerDriver, r: float, norm: str = "layer") -> tuple[dict, dict, dict]:
+        """Pass 1: {block: {scheme: error}}, {block: numel}, {block: {scheme: us}}.
+
+        Errors are MxMoE layer-output norms (squared, summed over each expert's routed tokens with routing
+        weights, i.e. weighted by activation frequency). ``norm="layer"`` divides a layer's errors by the energy
+        of its output residual stream over the same tokens: the next RMSNorm sees the relative perturbation, so
+        a deep layer with a large residual norm does not dominate the objective by scale alone.
+        """
         sens, numel, times = {}, {}, {}
         for l in _progress(range(self.geo["layers"]), "sensitivity", self.progress):
             layer = drv.open_layer(l)
@@ -103,6 +122,10 @@ class _Job:
                     qdn, _ = quantize_stack(dn, data.h_down, s, self.opts, want_tensors=False)
                     per[s.name] = block_errors(data.h, data.topk_idx, data.topk_w, gu, dn, qgu, qdn, ex.act_fn)
                     del qgu, qdn
+                if norm == "layer":
+                    ref = max(drv.output_energy(), 1e-30)
+                    per = {n: v / ref for n, v in per.items()}
+                self.layer_energy[l] = drv.output_energy()
                 m = self.stats.tokens_per_expert(l, SERVING_BATCH_TOKENS)
                 two_i, hid = gu.shape[1], gu.shape[2]
                 for x in range(e):
@@ -202,7 +225,8 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
                         attn_bits: int | None = None, group_size: int = 128, uniform: bool = False, seed: int = 0,
                         device=None, progress: bool = True, shared_bits: int | None = None,
                         seq_len: int = DEFAULT_SEQ_LEN, n_samples: int = DEFAULT_SAMPLES, cost_weight: float = 0.0,
-                        clip_search: bool = False, force: bool = False, candidates: list[str] | None = None) -> dict:
+                        clip_search: bool = False, force: bool = False, candidates: list[str] | None = None,
+                        sens_norm: str = "layer", synthetic=None) -> dict:
     """Quantize an HF MoE checkpoint; writes ``dst`` atomically and returns a summary dict.
 
     Args:
@@ -212,6 +236,10 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
         attn_bits / shared_bits: fixed int bits for attention / shared-expert (and dense-MLP) linears; None = bf16.
         uniform: every expert block at the candidate nearest the budget (baseline), no sensitivity pass.
         cost_weight: r in the allocator objective (0 = accuracy only); kernel times from mxserve_kernels cost model.
+        sens_norm: "layer" (errors relative to each layer's residual-stream energy) or "none" (raw squared norms).
+        synthetic: (preset, layers) or a ``SyntheticCheckpoint``: ``src`` is ignored and random bf16 weights of
+            that ``mxserve.models.tiny`` preset are generated layer by layer on the device (timing runs; nothing
+            bf16 touches the disk).
         device: "cpu", "cuda", ... (default: cuda when available).
     Returns:
         summary: {"dst", "avg_bits", "histogram", "timings", ...} (also stored under quantization_config.meta).
@@ -221,13 +249,23 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # all experts of a layer in one batched GPTQ call on a GPU (fewer launches); smaller chunks on CPU
     opts = QuantOptions(method=method, clip_search=clip_search, expert_chunk=128 if device.type == "cuda" else 32)
-    ckpt = HFCheckpoint(src)
+    if sens_norm not in SENS_NORMS:
+        raise ValueError(f"--sens-norm must be one of {SENS_NORMS}, got {sens_norm!r}")
+    if synthetic is not None:
+        from mxserve.checkpoint.synthetic import SyntheticCheckpoint
+        if calib is not None:
+            raise ValueError("--calib cannot be combined with --synthetic-source (no tokenizer): "
+                             "synthetic random calibration tokens are used")
+        ckpt = synthetic if isinstance(synthetic, SyntheticCheckpoint) else \
+            SyntheticCheckpoint(synthetic[0], layers=synthetic[1], seed=seed, device=device)
+    else:
+        ckpt = HFCheckpoint(src)
     validate(ckpt, group_size)
     cands = candidate_schemes(group_size, nested, candidates)
     for c in cands:
         validate_scheme(ckpt, c)
-    if uniform:  # the baseline: plain asymmetric schemes at the requested group size only
-        uni = uniform_scheme([c for c in cands if not c.symmetric and c.group_size == group_size] or cands, bits)
+    if uniform:
+        uni = uniform_baseline(cands, bits, group_size)
     else:
         uniform_scheme(cands, bits)  # budget check before any work
     attn_scheme = WeightScheme(attn_bits, group_size) if attn_bits and attn_bits != 16 else None
@@ -250,7 +288,7 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
             plan = BitPlan(schemes, average_bits(schemes, blocks_numel), 0.0, "uniform", 0.0)
         else:
             drv.start()
-            sens, numel, times = job.sensitivity(drv, cost_weight)
+            sens, numel, times = job.sensitivity(drv, cost_weight, sens_norm)
             timings["sensitivity_s"] = round(time.time() - t, 2)
             t = time.time()
             plan = allocate(sens, numel, cands, bits, time_us=times or None, r=cost_weight)
@@ -268,6 +306,7 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
         for s in plan.schemes.values():
             hist[s.name] = hist.get(s.name, 0) + 1
         timings["total_s"] = round(time.time() - t0, 2)
+        timings["per_layer_s"] = round((timings.get("sensitivity_s", 0.0) + timings["quantize_s"]) / geo["layers"], 3)
         experts = {}
         for l in sorted({k[0] for k in plan.schemes}):
             gu, dn = plan.layer_schemes(l, geo["experts"])
@@ -275,10 +314,12 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
         meta = {"quant_version": QUANT_VERSION, "method": method, "nested": nested, "uniform": uniform,
                 "target_bits": bits, "avg_bits": round(plan.avg_bits, 6), "group_size": group_size,
                 "calibration": calib_info, "seed": seed, "timings": timings, "device": str(device),
-                "allocator": {"status": plan.status, "mip_gap": plan.mip_gap, "cost_weight": cost_weight},
+                "allocator": {"status": plan.status, "mip_gap": plan.mip_gap, "cost_weight": cost_weight,
+                              "sens_norm": sens_norm, "candidates": [c.name for c in cands]},
                 "histogram": hist, "router_stats": job.stats.to_dict()}
         qc = MxMoEConfig(default_scheme=BF16, modules=modules, experts=experts, meta=meta)
         config = dict(ckpt.config, quantization_config=qc.to_dict())
         writer.commit(config, copy_from=ckpt.path)
-    return {"dst": str(dst), "avg_bits": plan.avg_bits, "histogram": hist, "timings": timings,
+    return {"dst": str(dst), "source": str(ckpt.path), "layers": geo["layers"], "avg_bits": plan.avg_bits,
+            "histogram": hist, "timings": timings,
             "calibration": calib_info, "allocator": meta["allocator"]}

@@ -17,6 +17,9 @@ from mxserve_kernels.quant.reference import pack_codes, scale_torch_dtype
 # Clip-search grid (fraction of the group range kept), Marlin-GPTQ style: 1.0 down to MAX_SHRINK.
 CLIP_GRID = 20
 MAX_SHRINK = 0.75
+# 1-bit: clip-search grid of level spreads around the 2-means solution (fraction of its spread), and Lloyd steps.
+ONE_BIT_CLIP = (0.8, 0.9, 1.0, 1.1, 1.25)
+LLOYD_ITERS = 8
 
 
 @dataclass
@@ -47,8 +50,52 @@ def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, scheme: WeightScheme)
     return GroupParams(scales=s.to(sd).float(), zeros=lo.to(sd).float())
 
 
-def group_params(w: torch.Tensor, scheme: WeightScheme, clip: torch.Tensor | float = 1.0) -> GroupParams:
-    """Min-max group parameters of ``w`` [..., N, K]; ``clip`` ([..., N, K/G] or scalar) shrinks the range."""
+def two_level_params(w: torch.Tensor, scheme: WeightScheme, col_weight: torch.Tensor | None = None,
+                     iters: int = LLOYD_ITERS) -> GroupParams:
+    """1-bit (``q*scale + zero``, q in {0, 1}) group parameters by weighted 2-means (Lloyd) per group.
+
+    Min-max is useless at one bit (its two levels sit at the group extremes); the MSE-optimal pair of levels is
+    the pair of conditional means either side of their midpoint, found by a few Lloyd iterations started at the
+    group mean. ``zero`` = low level, ``scale`` = high - low, both rounded to the storage dtype.
+
+    Args:
+        w: [..., N, K] weight. col_weight: [..., K] non-negative importance per input column (diag H) or None.
+    Returns:
+        GroupParams with [..., N, K/G] scales and zeros.
+    """
+    g = scheme.group_size
+    wg = _grouped(w.float(), g)                                          # [..., N, K/G, G]
+    if col_weight is None:
+        cw = torch.ones_like(wg)
+    else:
+        cw = _grouped(col_weight.float().clamp_min(0).unsqueeze(-2), g).expand_as(wg) + 1e-12
+    lo_v, hi_v = wg.amin(-1), wg.amax(-1)
+    t = (wg * cw).sum(-1) / cw.sum(-1)
+    for _ in range(iters):
+        above = wg > t.unsqueeze(-1)
+        wa = cw * above
+        wb = cw * ~above
+        c_hi = torch.where(wa.sum(-1) > 0, (wg * wa).sum(-1) / wa.sum(-1).clamp_min(1e-30), hi_v)
+        c_lo = torch.where(wb.sum(-1) > 0, (wg * wb).sum(-1) / wb.sum(-1).clamp_min(1e-30), lo_v)
+        t = 0.5 * (c_lo + c_hi)
+    sd = scale_torch_dtype(scheme)
+    return GroupParams(scales=(c_hi - c_lo).to(sd).float(), zeros=c_lo.to(sd).float())
+
+
+def group_params(w: torch.Tensor, scheme: WeightScheme, clip: torch.Tensor | float = 1.0,
+                 col_weight: torch.Tensor | None = None) -> GroupParams:
+    """Group parameters of ``w`` [..., N, K]: min-max, ``clip`` ([..., N, K/G] or scalar) shrinks the range.
+
+    1-bit schemes use ``two_level_params`` (weighted by ``col_weight`` [..., K] when given); ``clip`` then
+    scales the distance of both levels from their midpoint.
+    """
+    if scheme.bits == 1:
+        p = two_level_params(w, scheme, col_weight)
+        if isinstance(clip, float) and clip == 1.0:
+            return p
+        mid = p.zeros + 0.5 * p.scales
+        sd = scale_torch_dtype(scheme)
+        return GroupParams(scales=(p.scales * clip).to(sd).float(), zeros=(mid - 0.5 * p.scales * clip).to(sd).float())
     wg = _grouped(w.float(), scheme.group_size)
     lo = wg.amin(-1).clamp(max=0.0) if scheme.symmetric else wg.amin(-1)
     hi = wg.amax(-1).clamp(min=0.0) if scheme.symmetric else wg.amax(-1)
@@ -88,6 +135,8 @@ def search_clip(w: torch.Tensor, scheme: WeightScheme, col_weight: torch.Tensor 
                 grid: int = CLIP_GRID, max_shrink: float = MAX_SHRINK) -> torch.Tensor:
     """Per-group clip ratio in [max_shrink, 1] minimising the (column-weighted) squared rounding error.
 
+    1-bit: the ratio scales the spread of the two (2-means) levels, searched over ``ONE_BIT_CLIP``.
+
     Args:
         w: [..., N, K] weight.
         col_weight: [..., K] non-negative importance per input column (e.g. diag of the Hessian) or None.
@@ -100,9 +149,11 @@ def search_clip(w: torch.Tensor, scheme: WeightScheme, col_weight: torch.Tensor 
     cw = _grouped(cw.unsqueeze(-2), g)                      # [..., 1, K/G, G]
     best_err = torch.full(wf.shape[:-1] + (wf.shape[-1] // g,), float("inf"), device=w.device)
     best = torch.ones_like(best_err)
-    for i in range(grid):
-        c = 1.0 - (1.0 - max_shrink) * i / max(grid - 1, 1)
-        _, dq = fake_quantize(wf, group_params(wf, scheme, c), scheme)
+    grid_vals = ONE_BIT_CLIP if scheme.bits == 1 else [1.0 - (1.0 - max_shrink) * i / max(grid - 1, 1)
+                                                        for i in range(grid)]
+    cw1 = None if col_weight is None else col_weight.float()
+    for c in grid_vals:
+        _, dq = fake_quantize(wf, group_params(wf, scheme, float(c), cw1), scheme)
         err = (_grouped(dq - wf, g).pow(2) * cw).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -132,7 +183,7 @@ def quantize_rtn(w: torch.Tensor, scheme: WeightScheme, clip_search: bool = Fals
     """
     scheme.check_shape(w.shape[-2], w.shape[-1], "quantize_rtn")
     clip = search_clip(w, scheme, col_weight) if clip_search else 1.0
-    params = group_params(w, scheme, clip)
+    params = group_params(w, scheme, clip, col_weight)
     codes, dq = fake_quantize(w, params, scheme)
     return codes, params, dq
 

@@ -175,6 +175,10 @@ class LayerDriver:
             accumulate_hessian(hd[x], 0, a)
         return hg, hd
 
+    def output_energy(self) -> float:
+        """Sum of squares of the last ``collect``ed layer's outputs (the residual stream after it), fp64."""
+        return float(sum(o.double().pow(2).sum() for o in self._outs))
+
     def advance(self, l: int, recompute: bool) -> None:
         """Make layer ``l``'s outputs the next layer's inputs (re-running it if its weights changed)."""
         self.hidden = self._forward(self.layer(l)) if recompute else self._outs

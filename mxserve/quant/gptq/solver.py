@@ -113,7 +113,7 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, scheme: WeightScheme, *, d
     Args:
         w: [E, N, K] (or [N, K]) float weights.
         h: [E, K, K] (or [K, K]) Hessians ``2/n sum x x^T`` of each weight's inputs.
-        scheme: integer, non-nested WeightScheme (bits 2/3/4/8).
+        scheme: integer, non-nested WeightScheme (bits 1/2/3/4/8; 1-bit levels from diag-H weighted 2-means).
         damp: fraction of mean(diag H) added to the diagonal.
         act_order: process columns by descending diag(H) (requires static_groups).
         static_groups: group parameters from the original W before any update.
@@ -139,8 +139,9 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, scheme: WeightScheme, *, d
     ng = k // g
     ar = torch.arange(e, device=w.device)
     if static_groups:
-        clip = search_clip(w, scheme, torch.diagonal(h, dim1=-2, dim2=-1)) if clip_search else 1.0
-        params = group_params(w, scheme, clip)
+        dh = torch.diagonal(h, dim1=-2, dim2=-1)
+        clip = search_clip(w, scheme, dh) if clip_search else 1.0
+        params = group_params(w, scheme, clip, dh)   # diag-H weighted 2-means levels at 1 bit
     else:
         params = GroupParams(torch.zeros(e, n, ng, device=w.device),
                              None if scheme.symmetric else torch.zeros(e, n, ng, device=w.device))
