@@ -24,6 +24,8 @@ GROUPED_GEMM_REL_MEAN = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float1
 
 # Quantization quality floors (SQNR, dB) of a quantized linear vs the float one, random Gaussian weights, RTN.
 SQNR_DB_MIN = {8: 40.0, 4: 16.0, 3: 10.0, 2: 4.0}
+# 1-bit (int1 asym, 2-means levels) on Gaussian weights: Lloyd-Max 1-bit optimum is 4.40 dB; group-wise >= this.
+SQNR_DB_MIN_1BIT = 4.0
 # GPTQ must beat RTN by at least this much at 3 bits on correlated inputs (issue acceptance).
 GPTQ_GAIN_DB_3BIT = 2.0
 # Nested int4 prefix within this many dB of direct int4 RTN.
