@@ -132,10 +132,13 @@ class ExpertCache:
         return self.state.slots_used
 
     # ---- per step --------------------------------------------------------------------------------------------
-    def _counts(self, ids: torch.Tensor) -> np.ndarray:
+    def _hist(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.reshape(-1)
         ids = ids[ids >= 0].to(torch.int64)          # -1: experts not on this rank (EP expert_map)
-        return torch.bincount(ids, minlength=self.E)[: self.E].cpu().numpy()   # the one host sync per layer
+        return torch.bincount(ids, minlength=self.E)[: self.E]
+
+    def _counts(self, ids: torch.Tensor) -> np.ndarray:
+        return self._hist(ids).cpu().numpy()         # the one host sync per layer
 
     def _issue(self, plan: PrefetchPlan) -> None:
         self.state.apply(plan)
@@ -153,21 +156,28 @@ class ExpertCache:
         self.counters.bytes_moved += nbytes
         self.counters.prefetch_bytes += plan.prefetch_bytes
 
-    def ensure(self, layer: int, topk_ids: torch.Tensor) -> SlotView:
+    def ensure(self, layer: int, topk_ids: torch.Tensor, next_ids: torch.Tensor | None = None) -> SlotView:
         """Make layer ``layer``'s routed experts resident (at least their base) and return where they are.
 
         Args:
             layer: MoE layer index in [0, L).
             topk_ids: [T, K] int expert ids from the router (device tensor; -1 entries ignored).
+            next_ids: optional [T, K] look-ahead prediction for layer ``layer + 1``: same as calling
+                ``prefetch(layer + 1, next_ids)`` right after, but both histograms come back in ONE host sync.
         Returns:
-            ``SlotView``; the current stream already waits for every plane it names.
+            ``SlotView``; the current stream already waits for every plane it names (not for the prefetch).
         """
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("ExpertCache.ensure cannot run inside CUDA-graph capture: make the MoE op a vLLM "
                                "splitting op (PIECEWISE) or run eager (offload.allow_eager_fallback)")
         if not 0 <= layer < self.L:
             raise ValueError(f"ExpertCache.ensure: layer {layer} outside [0, {self.L})")
-        counts = self._counts(topk_ids)
+        pred = None
+        if next_ids is not None and self.cfg.prefetch and self.cfg.lookahead >= 1 and layer + 1 < self.L:
+            both = torch.stack([self._hist(topk_ids), self._hist(next_ids)]).cpu().numpy()   # one host sync
+            counts, pred = both[0], both[1]
+        else:
+            counts = self._counts(topk_ids)
         self._tick += 1
         self.state.observe(layer, counts, self._tick)
         tgt = self.target[layer]
@@ -180,6 +190,8 @@ class ExpertCache:
         self._prefetched[layer, routed] = False                   # before _issue: backfill counts at the next visit
         self._issue(plan)
         self._current = (layer, counts)
+        if pred is not None:
+            self._issue(self.policy.plan(self.state, layer, counts, {layer + 1: pred}, demand=False))
         c = self.counters
         c.hits += plan.hits
         c.misses += plan.misses
@@ -239,7 +251,7 @@ class ExpertCache:
         """The metrics payload: ``sidechannel.publish("offload", cache.snapshot())`` (``OffloadCounters.metric_values``
         keys, i.e. ``WORKER_METRICS`` keys; cumulative counters, current gauges)."""
         self._resolve_stalls()
-        return self.counters.metric_values(self.state.level, self.arena.nbytes)
+        return self.counters.metric_values(self.state.level, self.arena.pinned_bytes)
 
     def publish_metrics(self) -> None:
         """Publish ``snapshot()`` under the side-channel section ``"offload"`` (rate-limited by the side channel)."""

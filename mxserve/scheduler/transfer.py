@@ -3,7 +3,10 @@
 It owns no policy: ``TransferEngine.execute(plan)`` copies a ``PrefetchPlan``'s loads in plan order and
 ``wait(...)`` makes the compute stream wait for the planes a layer computes with.
 
-Host arena: one pinned ``uint8`` buffer (one allocation, no per-tensor rounding by the caching host allocator).
+Host arena: one pinned ``uint8`` buffer: a plain host allocation page-locked with ``cudaHostRegister`` (as vLLM's
+KV offload does), because ``torch.empty(pin_memory=True)`` goes through the caching host allocator, which rounds
+every block up to a power of two (a 16.3 GB Qwen3-30B-A3B arena would pin 32 GB); that allocator is only the logged
+fallback when registration fails.
 Region per plane level, base first: ``region[lv]`` is ``[L, E, plane_bytes[lv]]``; blob (l, e, lv) holds the
 tensors of ``layout.specs[lv]`` at their offsets.
 
@@ -17,12 +20,47 @@ synchronous and events are None (used by the CPU tests of the bookkeeping).
 """
 from __future__ import annotations
 
+import logging
+import weakref
+
 import torch
 
 from mxserve.scheduler.layout import BASE, LEVELS, PlaneLayout
 from mxserve.scheduler.policy import PrefetchPlan
 
 _DT = {"uint8": torch.uint8, "bf16": torch.bfloat16, "fp16": torch.float16}
+logger = logging.getLogger("mxserve.scheduler")
+
+
+def _unregister(ptr: int) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    except Exception:          # interpreter shutdown / CUDA already torn down: the process is exiting anyway
+        pass
+
+
+def alloc_pinned(nbytes: int) -> tuple[torch.Tensor, str, int]:
+    """A page-locked uint8 [nbytes] host buffer without power-of-two rounding.
+
+    Returns:
+        (buffer, mode, pinned_bytes): mode ``"registered"`` (cudaHostRegister of a plain allocation; the caller
+        must ``cudaHostUnregister`` it, see ``HostArena``) or ``"caching_allocator"`` (fallback, logged;
+        ``pinned_bytes`` is then the allocator's power-of-two block).
+    """
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    code, why = -1, ""
+    try:
+        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)
+        code = int(getattr(err, "value", err))
+    except Exception as e:     # no CUDA runtime binding
+        why = repr(e)
+    if code == 0 and buf.is_pinned():
+        return buf, "registered", nbytes
+    if code == 0:
+        _unregister(buf.data_ptr())
+    logger.warning("offload arena: cudaHostRegister of %d bytes failed (%s); falling back to the caching host "
+                   "allocator, which pins %d bytes", nbytes, why or f"cudaError {code}", 1 << (nbytes - 1).bit_length())
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), "caching_allocator", 1 << (nbytes - 1).bit_length()
 
 
 def plane_views(layout: PlaneLayout, blob: torch.Tensor, level: int) -> dict[str, torch.Tensor]:
@@ -57,7 +95,12 @@ class HostArena:
             self.region_off[lv] = off
             off += num_layers * num_experts * layout.plane_bytes[lv]
         self.nbytes = off
-        self.buf = torch.empty(off, dtype=torch.uint8, pin_memory=pin)
+        if pin and off > 0:
+            self.buf, self.pin_mode, self.pinned_bytes = alloc_pinned(off)
+            if self.pin_mode == "registered":
+                weakref.finalize(self, _unregister, self.buf.data_ptr())   # before the buffer itself is freed
+        else:
+            self.buf, self.pin_mode, self.pinned_bytes = torch.empty(off, dtype=torch.uint8), "none", 0
 
     def blob(self, layer: int, expert: int, level: int) -> torch.Tensor:
         """uint8 [plane_bytes[level]] view of one plane."""

@@ -35,6 +35,8 @@ def test_cuda_cache_serves_exact_planes(experts, frac, on_miss):
     for (l, e), t in experts.items():
         cache.write_expert(l, e, t)
     assert cache.arena.buf.is_pinned()
+    assert (cache.arena.pin_mode, cache.arena.pinned_bytes) == ("registered", cache.arena.nbytes), \
+        "cudaHostRegister failed: the arena fell back to the power-of-two caching host allocator"
     cache.preload()
     tr = synth_trace(5, L, E, K, T, seed=11)
     for s in range(tr.num_steps):

@@ -122,7 +122,7 @@ def test_snapshot_is_the_sidechannel_payload(experts, tmp_path):
         (stats["hits"], stats["misses"], stats["bytes_moved"])
     lv = cache.state.level
     assert snap["resident_experts"] == int((lv > 0).sum()) == sum(snap["resident_planes"].values())
-    assert snap["resident_planes"]["4"] == int((lv == 4).sum()) and snap["host_pinned_bytes"] == cache.arena.nbytes
+    assert snap["resident_planes"]["4"] == int((lv == 4).sum()) and snap["host_pinned_bytes"] == cache.arena.pinned_bytes
     assert 0 < snap["prefetch_useful"] <= snap["prefetch_issued"]
     # ensure() of the last layer published it: the side channel holds this section (written on flush)
     path = sidechannel.flush(str(tmp_path))
@@ -141,3 +141,19 @@ def test_prefetch_useful_counts_routed_prefetched_experts(experts):
     assert cache.snapshot()["prefetch_useful"] == 2
     cache.ensure(1, torch.tensor([[4, 5, 6, 9]]))              # 6 was prefetched, 4/5 already counted
     assert cache.snapshot()["prefetch_useful"] == 3
+
+
+def test_ensure_with_next_ids_equals_ensure_then_prefetch(experts):
+    cfg = OffloadConfig(gpu_budget_fraction=0.3, lookahead=1, on_miss="base")
+    a, b = (ExpertCache(cfg, LAYOUT, L, E, device="cpu", publish_interval_s=None) for _ in range(2))
+    tr = synth_trace(3, L, E, K, T, seed=21)
+    for s in range(tr.num_steps):
+        for l in range(L):
+            ids, nxt = torch.from_numpy(tr.topk[s, l]), torch.from_numpy(tr.pred[s, (l + 1) % L])
+            a.ensure(l, ids)
+            if l + 1 < L:
+                a.prefetch(l + 1, nxt)
+            b.ensure(l, ids, next_ids=nxt)          # the last layer ignores next_ids (no layer L)
+            for name in ("level", "base_slot", "upper_slot"):
+                assert np.array_equal(getattr(a.state, name), getattr(b.state, name)), (s, l, name)
+    assert a.stats() == b.stats() and a.stats()["prefetch_bytes"] > 0
