@@ -21,6 +21,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from mxserve.vllm_plugin import kernel_adapter as ka
+from mxserve.vllm_plugin import weight_stats
 from mxserve.vllm_plugin.loading import UnexpectedTensorError, check_loaded, fill_dummy_, is_dummy_load
 from mxserve_kernels.formats import WeightScheme, tensor_names
 from mxserve_kernels.quant.reference import scale_torch_dtype
@@ -72,13 +73,15 @@ class MxLinearMethod(LinearMethodBase):
         scheme: the one scheme shared by all fused shards.
         prefix: vLLM module name (``model.layers.0.self_attn.qkv_proj``).
         shard_names: checkpoint module names of the shards, in fused order (``[...q_proj, ...k_proj, ...v_proj]``).
+        plan_cfg: the whole ``MxMoEConfig`` (weight metrics' quant-config info); None = no metrics.
     """
 
-    def __init__(self, scheme: WeightScheme, prefix: str, shard_names: list[str]) -> None:
+    def __init__(self, scheme: WeightScheme, prefix: str, shard_names: list[str], plan_cfg=None) -> None:
         super().__init__()
         self.scheme = scheme
         self.prefix = prefix
         self.shard_names = list(shard_names)
+        self.plan_cfg = plan_cfg
 
     def ckpt_name(self, shard_id: Any, suffix: str) -> str:
         """Checkpoint name of tensor ``suffix`` of shard ``shard_id`` ("q"/"k"/"v", 0/1, or None = whole layer)."""
@@ -140,6 +143,10 @@ class MxLinearMethod(LinearMethodBase):
         else:
             check_loaded(self.prefix, layer._mx_expected, layer._mx_loaded)
         device = next(iter(tensors.values())).device
+        if self.plan_cfg is not None:
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            weight_stats.record(self.prefix, {weight_stats.precision_label(self.scheme): (
+                nbytes, layer._mx_n * layer._mx_k, self.scheme.bits)}, self.plan_cfg)
         layer._mx_lw = ka.prepare_linear(self.scheme, tensors, k=layer._mx_k, device=device)
         for s in tensor_names(self.scheme):
             delattr(layer, s)

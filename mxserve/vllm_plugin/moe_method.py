@@ -26,6 +26,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from mxserve.config.quant_config import ExpertPlan
 from mxserve.vllm_plugin import kernel_adapter as ka
+from mxserve.vllm_plugin import weight_stats
 from mxserve.vllm_plugin.linear_method import canonical_shape, check_divisible
 from mxserve.vllm_plugin.loading import UnexpectedTensorError, check_loaded, fill_dummy_, is_dummy_load
 from mxserve_kernels.formats import WeightScheme, tensor_names
@@ -84,12 +85,14 @@ class MxMoEMethod(FusedMoEMethodBase):
         plan: per global expert, the gate_up and down schemes.
         prefix: vLLM name of the experts module (``model.layers.3.mlp.experts``).
         moe: vLLM's FusedMoEConfig of the layer.
+        plan_cfg: the whole ``MxMoEConfig`` (weight metrics' quant-config info); None = no metrics.
     """
 
-    def __init__(self, plan: ExpertPlan, prefix: str, moe) -> None:
+    def __init__(self, plan: ExpertPlan, prefix: str, moe, plan_cfg=None) -> None:
         super().__init__(moe)
         self.plan = plan
         self.prefix = prefix
+        self.plan_cfg = plan_cfg
 
     # ---- weights ------------------------------------------------------------------------------------------------
     def create_weights(self, layer: torch.nn.Module, num_experts: int, hidden_size: int,
@@ -196,10 +199,27 @@ class MxMoEMethod(FusedMoEMethodBase):
                     fill_dummy_(plan[g], tensors)
                 lst.append((plan[g], tensors))
             experts[proj] = lst
+        if self.plan_cfg is not None:
+            weight_stats.record(self.prefix, self._precision_bytes(layer), self.plan_cfg)
         layer._mx_moe = ka.prepare_experts(gate_up=experts["w13"], down=experts["w2"], hidden=H, inter=Ip)
         for name in layer._mx_params:
             delattr(layer, name)
         del layer._mx_layout, layer._mx_loaded
+
+    def _precision_bytes(self, layer) -> dict[str, tuple[int, int, int]]:
+        """{precision: (bytes, elements, bits)} of this rank's experts (canonical storage, scales included)."""
+        H, Ip = layer._mx_dims
+        out: dict[str, tuple[int, int, int]] = {}
+        for proj, plan, elems in (("w13", self.plan.gate_up, 2 * Ip * H), ("w2", self.plan.down, H * Ip)):
+            for local, g in enumerate(layer._mx_local_to_global):
+                regs = layer._mx_layout[proj][local]
+                s = plan[g]
+                dtype = regs["weight"].dtype if "weight" in regs else None
+                label = weight_stats.precision_label(s if s.bits != 16 else None, dtype)
+                bits = s.bits if s.bits != 16 else dtype.itemsize * 8
+                b, n, _ = out.get(label, (0, 0, bits))
+                out[label] = (b + sum(r.nbytes for r in regs.values()), n + elems, bits)
+        return out
 
     # ---- execution ----------------------------------------------------------------------------------------------
     def get_fused_moe_quant_config(self, layer: torch.nn.Module):

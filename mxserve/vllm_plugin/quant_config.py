@@ -143,20 +143,25 @@ class MxMoEQuantConfig(QuantizationConfig):
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         from vllm.model_executor.layers.fused_moe import RoutedExperts
-        from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+        from vllm.model_executor.layers.linear import LinearBase
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+        from mxserve.vllm_plugin import unquantized as U
 
         if isinstance(layer, LinearBase):
             scheme = self.linear_scheme(prefix)
             if scheme.bits == 16:
-                return UnquantizedLinearMethod()
+                return U.CountedUnquantizedLinearMethod(prefix, self.cfg)
             from mxserve.vllm_plugin.linear_method import MxLinearMethod
-            return MxLinearMethod(scheme, prefix, self.shard_names(prefix))
+            return MxLinearMethod(scheme, prefix, self.shard_names(prefix), plan_cfg=self.cfg)
         if isinstance(layer, RoutedExperts):
             plan = self.expert_plan(prefix)
             if plan is None:
                 return None
             from mxserve.vllm_plugin.moe_method import MxMoEMethod
-            return MxMoEMethod(plan, prefix, layer.moe_config)
+            return MxMoEMethod(plan, prefix, layer.moe_config, plan_cfg=self.cfg)
+        if isinstance(layer, VocabParallelEmbedding):
+            return U.CountedUnquantizedEmbeddingMethod(prefix, self.cfg)
         return self._kv_method(layer, prefix)
 
     def _kv_method(self, layer: torch.nn.Module, prefix: str):
