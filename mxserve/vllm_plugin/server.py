@@ -62,7 +62,8 @@ class VllmServer:
 
     Args:
         model: checkpoint directory. args: extra CLI arguments. log_dir: where ``vllm-<port>.log`` goes.
-        served_name: ``--served-model-name``. env: extra environment variables.
+        served_name: ``--served-model-name``. env: extra environment variables (a None value removes the variable).
+        label: short name for messages and the copied log (default: the model directory's name).
     """
 
     def __init__(self, model: str, args: list[str], *, log_dir: str, served_name: str = "m",
@@ -72,7 +73,8 @@ class VllmServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(str(log_dir), f"vllm-{self.port}.log")
-        self.env = {**os.environ, **DEFAULT_ENV, **(env or {})}
+        merged = {**os.environ, **DEFAULT_ENV, **(env or {})}
+        self.env = {k: v for k, v in merged.items() if v is not None}  # env={"X": None} removes X
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "VllmServer":

@@ -22,7 +22,9 @@ from mxserve_kernels.formats import WeightScheme
 logger = logging.getLogger("mxserve.metrics")
 
 SECTION = "quant"
+KEEPALIVE_S = 120.0  # rewrite the snapshot this often: readers drop snapshots older than 600 s (static values)
 _lock = threading.Lock()
+_keepalive: list[threading.Thread] = []
 # layer prefix -> {precision: (bytes, elements, bits per element of the stored weight)}
 _layers: dict[str, dict[str, tuple[int, int, int]]] = {}
 _seen_storage: dict[int, str] = {}  # storage pointer -> layer prefix (a tied lm_head shares the embedding's table)
@@ -100,8 +102,32 @@ def record(prefix: str, per_precision: dict[str, tuple[int, int, int]], cfg) -> 
         from mxserve.metrics import sidechannel
         sidechannel.publish(SECTION, {"weight_bytes": by_prec, "quant_config": quant_info(cfg, by_bits)},
                             min_interval_s=0.0)
+        _start_keepalive()
     except Exception as e:  # metrics must never break model loading
         logger.warning("mxserve metrics: cannot publish weight stats for %s: %s", prefix, e)
+
+
+def _refresh_forever() -> None:
+    import time
+
+    from mxserve.metrics import sidechannel
+    while True:
+        time.sleep(KEEPALIVE_S)
+        try:
+            sidechannel.flush()
+        except Exception as e:  # pragma: no cover - defensive
+            logger.debug("mxserve metrics: keepalive flush failed: %s", e)
+
+
+def _start_keepalive() -> None:
+    """One daemon thread per process that rewrites the snapshot every KEEPALIVE_S (weights never change, but the
+    collector treats a snapshot older than its stale limit as gone)."""
+    with _lock:
+        if _keepalive:
+            return
+        t = threading.Thread(target=_refresh_forever, name="mxserve-metrics-keepalive", daemon=True)
+        _keepalive.append(t)
+    t.start()
 
 
 def record_unquantized(prefix: str, layer: torch.nn.Module, cfg) -> None:

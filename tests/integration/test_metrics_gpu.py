@@ -1,26 +1,25 @@
 """GPU: `vllm serve CKPT --quantization mxmoe` exposes mxserve: worker metrics next to vllm: series on /metrics,
 with the same model_name label, and they move under load.
 
-Run on the GPU machine (one command; writes $OUT/metrics_gpu.json):
-    MXSERVE_TEST_CHECKPOINT=/path/to/tiny-mxmoe python -m pytest -q -m gpu tests/integration/test_metrics_gpu.py
+Run on the GPU machine (one command; writes $OUT/metrics_gpu.json). Without MXSERVE_TEST_CHECKPOINT a tiny uniform-W4
+Qwen3-MoE checkpoint is made and quantized here (seconds), so it runs in the same session as the other GPU tests:
+    python -m pytest -q -m gpu tests/integration/test_metrics_gpu.py
 """
 import asyncio
 import json
 import os
 import re
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
 from loadtests import run
 from loadtests.scenario import Scenario, load_slo
+from mxserve import envs
 
-CKPT = os.environ.get("MXSERVE_TEST_CHECKPOINT")
-pytestmark = pytest.mark.skipif(not CKPT, reason="set MXSERVE_TEST_CHECKPOINT to an mxmoe checkpoint directory")
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$', re.M)
+SERVER_ARGS = ["--quantization", "mxmoe", "--max-model-len", "1024", "--gpu-memory-utilization", "0.15",
+               "--max-num-seqs", "16", "--enforce-eager"]
 
 
 def _scrape(url):
@@ -35,34 +34,30 @@ def _total(m, name):
 
 
 @pytest.fixture(scope="module")
-def server():
-    from tests.conftest import free_port
-    port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", CKPT, "--quantization", "mxmoe",
-           "--served-model-name", "tiny-mxmoe", "--port", str(port), "--max-model-len", "1024", "--enforce-eager"]
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited rc={proc.returncode}: {proc.stdout.read()[-4000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        else:
-            pytest.fail("vllm serve did not become healthy in 600 s")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def checkpoint(tmp_path_factory):
+    """MXSERVE_TEST_CHECKPOINT, or a tiny uniform-W4 (int4 g64 asym RTN) Qwen3-MoE made here."""
+    ckpt = envs.test_checkpoint()
+    if ckpt:
+        return ckpt
+    from mxserve.models.tiny import make_tiny
+    from mxserve.quant.api import quantize_checkpoint
+    root = tmp_path_factory.mktemp("metrics_ckpt")
+    src = make_tiny("qwen3_moe", root / "src", layers=2, experts=8, top_k=2, hidden=256, inter=128, vocab=1024,
+                    heads=4, kv_heads=2, head_dim=64)
+    quantize_checkpoint(str(src), str(root / "w4"), bits=4.5, calib=None, method="rtn", uniform=True,
+                        group_size=64, progress=False)
+    return str(root / "w4")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    from mxserve.vllm_plugin.server import VllmServer
+    logs = tmp_path_factory.mktemp("metrics_logs")
+    # PROMETHEUS_MULTIPROC_DIR would switch /metrics to the multiprocess registry: make sure it is unset
+    with VllmServer(checkpoint, SERVER_ARGS, log_dir=str(logs), served_name="tiny-mxmoe", label="metrics",
+                    env={"PROMETHEUS_MULTIPROC_DIR": None}) as srv:
+        srv.wait_healthy(600)
+        yield srv.url
 
 
 def test_mxserve_metrics_on_vllm_endpoint(server):
@@ -93,6 +88,8 @@ def test_mxserve_metrics_on_vllm_endpoint(server):
     assert "mxserve:quant_config_info" in after and "mxserve:worker_weight_bytes" in after, mx
     assert all('model_name="tiny-mxmoe"' in lbl and 'engine="' in lbl for n in mx for lbl, _ in after[n])
     assert _total(after, "mxserve:worker_weight_bytes") > 0
+    precisions = {re.search(r'precision="([^"]*)"', lbl).group(1) for lbl, _ in after["mxserve:worker_weight_bytes"]}
+    assert any(p.startswith("int") for p in precisions) and "bf16" in precisions, precisions  # quantized + embeddings
     moving = [n for n in mx if n.endswith("_total") and _total(after, n) > _total(before, n)]
     if "mxserve:expert_cache_hits_total" in after:  # offload enabled in the checkpoint: the cache must be used
         assert {"mxserve:expert_cache_hits_total", "mxserve:expert_cache_misses_total"} & set(moving), moving
