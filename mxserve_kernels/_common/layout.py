@@ -36,6 +36,23 @@ KIND_NONE, KIND_BF16, KIND_INT, KIND_INT3, KIND_NESTED = range(5)
 _SCALE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+ALL_KINDS = 255
+
+
+def kind_bit(kind: int, bits: int, nplanes: int) -> int:
+    """Bit of one expert's K-loop specialisation in the kernel's ``KINDS`` mask (bf16 1, int1 2, int2 4, int4 8,
+    int8 16, int3 32, nested + 1 plane 64, nested + 2 planes 128; 0 for an expert with no weights)."""
+    if kind == KIND_BF16:
+        return 1
+    if kind == KIND_INT:
+        return {1: 2, 2: 4, 4: 8, 8: 16}[bits]
+    if kind == KIND_INT3:
+        return 32
+    if kind == KIND_NESTED:
+        return 64 if nplanes == 1 else 128
+    return 0
+
+
 @dataclass
 class PackedWeights:
     """One projection ``[N, K]`` of E experts in the runtime layout (module docstring).
@@ -60,9 +77,20 @@ class PackedWeights:
     def num_experts(self) -> int:
         return int(self.einfo.shape[0])
 
+    def __post_init__(self) -> None:
+        # kind mask read from einfo once, at construction (real tensors), never in a forward (no host sync there)
+        try:
+            mask = 0
+            for row in self.einfo.cpu().tolist():
+                mask |= kind_bit(row[F_KIND], row[F_BITS], row[F_NPLANES])
+        except Exception:  # fake / meta tensors (tracing): compile every K loop
+            mask = ALL_KINDS
+        self._kinds_mask = mask
+
     @property
-    def device(self) -> torch.device:
-        return self.qw.device
+    def kinds_mask(self) -> int:
+        """``kind_bit`` OR-ed over the experts: the kernel compiles only these K loops."""
+        return self._kinds_mask
 
     def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The tensors to register as module buffers, keyed ``prefix + field``."""

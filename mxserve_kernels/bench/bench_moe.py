@@ -29,7 +29,7 @@ SHAPES = {"qwen3-30b-a3b": dict(E=128, H=2048, I=768, K=8), "mixtral-8x7b": dict
 TOKENS = (1, 4, 16, 64, 256, 1024, 8192)
 # our methods: name -> scheme per expert (cycled); "mix2.5": 3/4 int2 + 1/4 int4 experts = 2.5 code bits
 OURS = {"ours_w4": ["int4_g128_asym"], "ours_w2": ["int2_g128_asym"], "ours_w8": ["int8_g128_sym"],
-        "ours_w3": ["int3_g128_asym"], "ours_bf16": ["bf16"],
+        "ours_w3": ["int3_g128_asym"], "ours_w1": ["int1_g128_asym"], "ours_bf16": ["bf16"],
         "ours_mix2.5": ["int2_g128_asym", "int2_g128_asym", "int2_g128_asym", "int4_g128_asym"]}
 
 

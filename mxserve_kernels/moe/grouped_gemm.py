@@ -34,7 +34,7 @@ def grouped_gemm_op(x: torch.Tensor, qw: torch.Tensor, pw: torch.Tensor, meta: t
                     einfo: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
                     num_post: torch.Tensor, topk_w: torch.Tensor, n: int, k: int, wcols: int, n_up: int, a_div: int,
                     num_valid: int, out_rows: int, mode: int, dense: bool, zero_init: bool,
-                    cfg: list[int]) -> torch.Tensor:
+                    cfg: list[int], kinds: int = 255) -> torch.Tensor:
     """Raw op (tensors and ints only, for torch.compile / CUDA graphs); use ``grouped_gemm`` instead."""
     if not HAS_TRITON:
         raise RuntimeError("mxserve::grouped_gemm needs Triton; use mxserve_kernels.moe.reference on this machine")
@@ -46,14 +46,14 @@ def grouped_gemm_op(x: torch.Tensor, qw: torch.Tensor, pw: torch.Tensor, meta: t
     _kernels.grouped_gemm_kernel[grid](
         x, out, qw, pw, meta, wbf, einfo, sorted_ids, block_expert, num_post, topk_w,
         n, k, wcols, n_up, x.stride(0), out.stride(0), a_div, num_valid,
-        MODE=mode, DENSE=dense, NFIELDS=NFIELDS, IS_FP32=x.dtype == torch.float32 or not x.is_cuda,
+        MODE=mode, DENSE=dense, NFIELDS=NFIELDS, IS_FP32=x.dtype == torch.float32 or not x.is_cuda, KINDS=kinds,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
 @grouped_gemm_op.register_fake
 def _(x, qw, pw, meta, wbf, einfo, sorted_ids, block_expert, num_post, topk_w, n, k, wcols, n_up, a_div,
-      num_valid, out_rows, mode, dense, zero_init, cfg):
+      num_valid, out_rows, mode, dense, zero_init, cfg, kinds=255):
     return x.new_empty((out_rows, n))
 
 
@@ -103,4 +103,4 @@ def grouped_gemm(x: torch.Tensor, w: PackedWeights, cfg: dict[str, int], *, mode
         tw = w.einfo
     return torch.ops.mxserve.grouped_gemm(x, w.qw, w.pw, w.meta, w.wbf, w.einfo, sorted_ids, block_expert, num_post,
                                           tw, n_out, w.k, w.n, n_out, a_div, num_valid, out_rows, mode, dense,
-                                          zero_init, _cfg_list(cfg))
+                                          zero_init, _cfg_list(cfg), w.kinds_mask)

@@ -47,67 +47,72 @@ def _dq(words, s, z, p0, sp0, p1, sp1, psh, J: tl.constexpr, KIND: tl.constexpr,
 
 
 @triton.jit
+def _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols, K, w0, col, n_mask,
+               KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Code words, scale, zero (+ planes and plane scales) of word rows ``w0 .. w0+BLOCK_K`` (masked past K)."""
+    PER: tl.constexpr = 32 // BITS
+    wr = w0 + tl.arange(0, BLOCK_K)
+    m2 = (wr < K // PER)[:, None] & n_mask[None, :]
+    kr = wr * PER
+    kg = K // g
+    gi = (kr // g)[:, None]
+    pr = (kr // 32)[:, None]
+    words = tl.load(qw_ptr + qoff + wr[:, None] * wcols + col, mask=m2, other=0)
+    s = tl.load(meta_ptr + moff + gi * wcols + col, mask=m2, other=0.0).to(tl.float32)
+    z = tl.load(meta_ptr + moff + (kg + gi) * wcols + col, mask=m2, other=0.0).to(tl.float32)
+    p0 = 0
+    p1 = 0
+    sp0 = 0.0
+    sp1 = 0.0
+    if KIND >= 3:
+        p0 = tl.load(pw_ptr + poff + pr * wcols + col, mask=m2, other=0)
+        if NP == 2:
+            p1 = tl.load(pw_ptr + poff + (K // 32 + pr) * wcols + col, mask=m2, other=0)
+    if KIND == 4:
+        sp0 = tl.load(meta_ptr + moff + (2 * kg + gi) * wcols + col, mask=m2, other=0.0).to(tl.float32)
+        if NP == 2:
+            sp1 = tl.load(meta_ptr + moff + (3 * kg + gi) * wcols + col, mask=m2, other=0.0).to(tl.float32)
+    return words, s, z, p0, sp0, p1, sp1
+
+
+@triton.jit
 def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols,
               n_up, K, offs_n, n_mask, KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr,
               DUAL: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr):
-    """acc (+acc2 for the up half when DUAL) += x[rows] @ dequant(W)^T over all of K for an integer expert."""
+    """acc (+acc2 for the up half when DUAL) += x[rows] @ dequant(W)^T over all of K for an integer expert.
+    The next tile's words/metadata are loaded (into registers) before the current tile's dots: two tiles in flight
+    per program on top of the compiler's pipelining."""
     PER: tl.constexpr = 32 // BITS
     kw_total = K // PER
-    kg = K // g
-    k32 = K // 32
     col = offs_n[None, :]
     col2 = col + n_up
     offs_w = tl.arange(0, BLOCK_K)
+    words, s, z, p0, sp0, p1, sp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols, K, 0, col,
+                                               n_mask, KIND, BITS, NP, BLOCK_K)
+    words2, s2, z2, q0, tp0, q1, tp1 = words, s, z, p0, sp0, p1, sp1
+    if DUAL:
+        words2, s2, z2, q0, tp0, q1, tp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols, K, 0,
+                                                      col2, n_mask, KIND, BITS, NP, BLOCK_K)
     for w0 in range(0, kw_total, BLOCK_K):
-        wr = w0 + offs_w
-        wm = wr < kw_total
-        m2 = wm[:, None] & n_mask[None, :]
-        kr = wr * PER  # K row of code slot 0 of each word
-        gi = (kr // g)[:, None]
-        psh = (kr % 32)[:, None]  # bit of row kr in its 1-bit plane word (PER divides 32)
-        pr = (kr // 32)[:, None]
-        words = tl.load(qw_ptr + qoff + wr[:, None] * wcols + col, mask=m2, other=0)
-        s = tl.load(meta_ptr + moff + gi * wcols + col, mask=m2, other=0.0).to(tl.float32)
-        z = tl.load(meta_ptr + moff + (kg + gi) * wcols + col, mask=m2, other=0.0).to(tl.float32)
-        p0 = words
-        p1 = words
-        sp0 = s
-        sp1 = s
-        words2 = words
-        s2 = s
-        z2 = z
-        q0 = words
-        q1 = words
-        tp0 = s
-        tp1 = s
-        if KIND >= 3:
-            p0 = tl.load(pw_ptr + poff + pr * wcols + col, mask=m2, other=0)
-            if NP == 2:
-                p1 = tl.load(pw_ptr + poff + (k32 + pr) * wcols + col, mask=m2, other=0)
-        if KIND == 4:
-            sp0 = tl.load(meta_ptr + moff + (2 * kg + gi) * wcols + col, mask=m2, other=0.0).to(tl.float32)
-            if NP == 2:
-                sp1 = tl.load(meta_ptr + moff + (3 * kg + gi) * wcols + col, mask=m2, other=0.0).to(tl.float32)
+        nwords, ns, nz, np0, nsp0, np1, nsp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols, K,
+                                                          w0 + BLOCK_K, col, n_mask, KIND, BITS, NP, BLOCK_K)
+        nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1 = nwords, ns, nz, np0, nsp0, np1, nsp1
         if DUAL:
-            words2 = tl.load(qw_ptr + qoff + wr[:, None] * wcols + col2, mask=m2, other=0)
-            s2 = tl.load(meta_ptr + moff + gi * wcols + col2, mask=m2, other=0.0).to(tl.float32)
-            z2 = tl.load(meta_ptr + moff + (kg + gi) * wcols + col2, mask=m2, other=0.0).to(tl.float32)
-            if KIND >= 3:
-                q0 = tl.load(pw_ptr + poff + pr * wcols + col2, mask=m2, other=0)
-                if NP == 2:
-                    q1 = tl.load(pw_ptr + poff + (k32 + pr) * wcols + col2, mask=m2, other=0)
-            if KIND == 4:
-                tp0 = tl.load(meta_ptr + moff + (2 * kg + gi) * wcols + col2, mask=m2, other=0.0).to(tl.float32)
-                if NP == 2:
-                    tp1 = tl.load(meta_ptr + moff + (3 * kg + gi) * wcols + col2, mask=m2,
-                                  other=0.0).to(tl.float32)
+            nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g,
+                                                                 wcols, K, w0 + BLOCK_K, col2, n_mask, KIND, BITS,
+                                                                 NP, BLOCK_K)
+        wr = w0 + offs_w
+        kr = wr * PER  # K row of code slot 0 of each word
+        psh = (kr % 32)[:, None]  # bit of row kr in its 1-bit plane word (PER divides 32)
         a_ptrs = x_ptr + x_rows[:, None] * stride_xm + kr[None, :]
-        a_mask = row_mask[:, None] & wm[None, :]
+        a_mask = row_mask[:, None] & (wr < kw_total)[None, :]
         for j in tl.static_range(PER):
             a = tl.load(a_ptrs + j, mask=a_mask, other=0.0)
             acc = _dot(a, _dq(words, s, z, p0, sp0, p1, sp1, psh, j, KIND, BITS, NP), acc, IS_FP32)
             if DUAL:
                 acc2 = _dot(a, _dq(words2, s2, z2, q0, tp0, q1, tp1, psh, j, KIND, BITS, NP), acc2, IS_FP32)
+        words, s, z, p0, sp0, p1, sp1 = nwords, ns, nz, np0, nsp0, np1, nsp1
+        words2, s2, z2, q0, tp0, q1, tp1 = nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1
     return acc, acc2
 
 
@@ -135,9 +140,10 @@ def grouped_gemm_kernel(x_ptr, out_ptr, qw_ptr, pw_ptr, meta_ptr, wbf_ptr, einfo
                         sorted_ids_ptr, block_expert_ptr, num_post_ptr, topk_w_ptr,
                         N, K, wcols, n_up, stride_xm, stride_om, a_div, num_valid,
                         MODE: tl.constexpr, DENSE: tl.constexpr, NFIELDS: tl.constexpr, IS_FP32: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        KINDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grid (m-blocks, cdiv(N, BLOCK_N)). Rows of block b: ``sorted_ids[b*BLOCK_M:(b+1)*BLOCK_M]`` (ids >= num_valid
-    are padding), expert ``block_expert[b]``; DENSE: rows ``b*BLOCK_M + arange`` and expert 0."""
+    are padding), expert ``block_expert[b]``; DENSE: rows ``b*BLOCK_M + arange`` and expert 0. KINDS: bit mask of
+    the expert kinds present (``layout.kind_bit``), so only their K loops are compiled (compile time, registers)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -168,39 +174,45 @@ def grouped_gemm_kernel(x_ptr, out_ptr, qw_ptr, pw_ptr, meta_ptr, wbf_ptr, einfo
         DUAL: tl.constexpr = MODE == 1
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if kind == 2:
-            if bits == 4:
+        if (KINDS & 8) != 0:
+            if (kind == 2) & (bits == 4):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
                                       qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
                                       2, 4, 0, DUAL, BLOCK_K, IS_FP32)
-            elif bits == 2:
+        if (KINDS & 4) != 0:
+            if (kind == 2) & (bits == 2):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
                                       qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
                                       2, 2, 0, DUAL, BLOCK_K, IS_FP32)
-            elif bits == 1:
+        if (KINDS & 2) != 0:
+            if (kind == 2) & (bits == 1):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
                                       qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
                                       2, 1, 0, DUAL, BLOCK_K, IS_FP32)
-            else:
+        if (KINDS & 16) != 0:
+            if (kind == 2) & (bits == 8):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
                                       qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
                                       2, 8, 0, DUAL, BLOCK_K, IS_FP32)
-        elif kind == 3:
-            acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                  qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
-                                  3, 2, 1, DUAL, BLOCK_K, IS_FP32)
-        elif kind == 4:
-            if npl == 1:
+        if (KINDS & 32) != 0:
+            if kind == 3:
+                acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
+                                      qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
+                                      3, 2, 1, DUAL, BLOCK_K, IS_FP32)
+        if (KINDS & 64) != 0:
+            if (kind == 4) & (npl == 1):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
                                       qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
                                       4, 2, 1, DUAL, BLOCK_K, IS_FP32)
-            else:
+        if (KINDS & 128) != 0:
+            if (kind == 4) & (npl == 2):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
                                       qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
                                       4, 2, 2, DUAL, BLOCK_K, IS_FP32)
-        elif kind == 1:
-            acc, acc2 = _bf16_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, wbf_ptr, woff, wcols, n_up, K,
-                                   offs_n, n_mask, DUAL, BLOCK_K, IS_FP32)
+        if (KINDS & 1) != 0:
+            if kind == 1:
+                acc, acc2 = _bf16_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, wbf_ptr, woff, wcols, n_up, K,
+                                       offs_n, n_mask, DUAL, BLOCK_K, IS_FP32)
         if MODE == 1:
             res = acc / (1.0 + tl.exp(-acc)) * acc2
         elif MODE == 2:
