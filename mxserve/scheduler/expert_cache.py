@@ -6,8 +6,9 @@ Lifecycle (one cache per model; all offloaded MoE layers share its slot pool):
   2. ``write_expert(l, e, tensors)`` per expert while loading (canonical nested tensors -> arena), then ``preload()``
      fills the pool (all planes if the budget allows, else base planes, layer by layer).
   3. Per step and layer inside the MoE op (which must run outside CUDA-graph capture: vLLM splitting op, or eager):
-     ``view = cache.ensure(l, topk_ids)``; compute with ``view.tables`` / ``view.pool``; optionally
-     ``cache.prefetch(l + 1, predicted_ids)`` with the next layer's router applied to the current hidden states.
+     ``view = cache.ensure(l, topk_ids, next_ids=predicted_ids)`` (``predicted_ids``: the next layer's router
+     applied to the current hidden states; both histograms in one host sync; ``prefetch(l + 1, ids)`` is the
+     two-sync equivalent); compute with ``view.tables`` / ``view.pool``.
   4. ``snapshot()`` -> the ``sidechannel.publish("offload", ...)`` payload (keys of
      ``mxserve.metrics.definitions.WORKER_METRICS``: hits, misses, H2D bytes, stall seconds, prefetches issued /
      useful, resident experts, resident planes by bits, pinned host bytes); ``ensure`` of the last layer publishes
