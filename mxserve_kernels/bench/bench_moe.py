@@ -33,7 +33,7 @@ OURS = {"ours_w4": ["int4_g128_asym"], "ours_w2": ["int2_g128_asym"], "ours_w8":
         "ours_mix2.5": ["int2_g128_asym", "int2_g128_asym", "int2_g128_asym", "int4_g128_asym"]}
 
 
-def _bench(fn, graph: bool) -> float:
+def _bench(fn, graph: bool, rep: int = 100) -> float:
     """Median microseconds over a cold L2; CUDA-graph replay when capturable."""
     import triton.testing
     fn()  # compile / warm up
@@ -51,7 +51,7 @@ def _bench(fn, graph: bool) -> float:
             fn = g.replay
         except Exception as exc:  # some peers are not capturable: time them eagerly
             print(f"  (graph capture failed: {type(exc).__name__}: {exc}; timing eagerly)", file=sys.stderr)
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")) * 1e3
+    return float(triton.testing.do_bench(fn, warmup=min(25, rep), rep=rep, return_mode="median")) * 1e3
 
 
 def copy_bandwidth_gbs() -> float:

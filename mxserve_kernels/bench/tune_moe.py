@@ -20,21 +20,28 @@ from mxserve_kernels.bench.bench_moe import SHAPES, TOKENS, _bench, build_ours
 from mxserve_kernels.moe import moe_align
 from mxserve_kernels.moe.grouped_gemm import MODE_DOWN, MODE_GATE_UP, grouped_gemm
 
-COST_SCHEMES = ("int2_g128_asym", "int3_g128_asym", "int4_g128_asym", "int8_g128_sym", "bf16")
+COST_SCHEMES = ("int1_g128_asym", "int2_g128_asym", "int3_g128_asym", "int4_g128_asym", "int8_g128_sym", "bf16")
 COST_M = (1, 4, 16, 64, 256, 1024)
+QUICK_TOKENS = (1, 16, 64, 256, 1024, 8192)
 
 
 def candidates(rows_per_expert: float, quick: bool):
-    bms = [16] if rows_per_expert <= 4 else [16, 32, 64] if rows_per_expert <= 64 else [64, 128]
-    bns = [32, 64, 128] if not quick else [64, 128]
-    bks = [64, 128, 256] if not quick else [64, 128]
-    for bm, bn, bk, nw, ns in itertools.product(bms, bns, bks, (4, 8), (2, 3, 4)):
-        if bm * bk > 128 * 128 or (quick and ns == 2):
-            continue
+    """Launch configs to try for a regime (BLOCK_K = K extent of one tl.dot: code words per step for integers)."""
+    if rows_per_expert <= 4:  # decode: bytes in flight per program matter (BLOCK_K words, BLOCK_N)
+        space = dict(bm=[16], bn=[32, 64], bk=[32, 64] if quick else [16, 32, 64], nw=[4], ns=[3] if quick else [2, 3])
+    elif rows_per_expert <= 64:
+        space = dict(bm=[16, 32], bn=[64] if quick else [32, 64, 128], bk=[32] if quick else [16, 32, 64], nw=[4],
+                     ns=[3] if quick else [2, 3])
+    else:  # prefill: big tiles for tl.dot throughput
+        space = dict(bm=[64, 128], bn=[128] if quick else [64, 128], bk=[16, 32], nw=[8],
+                     ns=[2] if quick else [2, 3])
+    for bm, bn, bk, nw, ns in itertools.product(space["bm"], space["bn"], space["bk"], space["nw"], space["ns"]):
         yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
 
 
 def tune_shape(model: str, tokens: list[int], quick: bool) -> dict:
+    """Best config per T for one model shape (W4 experts); writes the config JSON atomically."""
+    rep = 30 if quick else 100
     shp = SHAPES[model]
     e, h, i, k = shp["E"], shp["H"], shp["I"], shp["K"]
     w = build_ours(["int4_g128_asym"], e, h, i)  # W4 is the tuning reference precision
@@ -55,7 +62,7 @@ def tune_shape(model: str, tokens: list[int], quick: bool) -> dict:
                     fn = lambda: grouped_gemm(hmid, w.w2, cfg, mode=MODE_DOWN, route=route,  # noqa: E731
                                               topk_weights=tw)
                 try:
-                    results.append((_bench(fn, graph=True), cfg))
+                    results.append((_bench(fn, graph=True, rep=rep), cfg))
                 except Exception as exc:  # out of shared memory etc.
                     print(f"  skip {cfg}: {type(exc).__name__}", file=sys.stderr)
             best[proj] = min(results, key=lambda r: r[0])
@@ -85,7 +92,7 @@ def cost_table(n: int = 2048, kdim: int = 2048) -> dict:
         pts = []
         for m in COST_M:
             x = torch.randn(m, kdim, device="cuda").to(torch.bfloat16)
-            pts.append([m, n, kdim, _bench(lambda: dequant_linear(x, lw), graph=True)])
+            pts.append([m, n, kdim, _bench(lambda: dequant_linear(x, lw), graph=True, rep=30)])
         out["schemes"][name] = {"points": pts}
         print(f"cost {name}: {[round(p[3], 1) for p in pts]}", flush=True)
     slug = torch.cuda.get_device_name().replace(" ", "_").replace("/", "_")
@@ -96,15 +103,16 @@ def cost_table(n: int = 2048, kdim: int = 2048) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(SHAPES))
-    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--tokens", default=None, help=f"default {TOKENS}; --quick: {QUICK_TOKENS}")
     ap.add_argument("--quick", action="store_true", help="smaller search space")
     ap.add_argument("--no-cost", action="store_true", help="skip the cost table")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_moe: needs a CUDA GPU", file=sys.stderr)
         return 2
+    tokens = args.tokens or ",".join(map(str, QUICK_TOKENS if args.quick else TOKENS))
     for model in args.models.split(","):
-        tune_shape(model, [int(t) for t in args.tokens.split(",")], args.quick)
+        tune_shape(model, [int(t) for t in tokens.split(",")], args.quick)
     if not args.no_cost:
         cost_table()
     return 0

@@ -83,24 +83,28 @@ def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, met
     The next tile's words/metadata are loaded (into registers) before the current tile's dots: two tiles in flight
     per program on top of the compiler's pipelining."""
     PER: tl.constexpr = 32 // BITS
+    # code words per step: BLOCK_K, but for B < 4 at most the K rows of a 4-bit step (min 16 words), so the
+    # activation columns a step reads (BLOCK_M x BLOCK_K*8 at most, or 16*PER) stay bounded for 1/2-bit experts
+    BKW0: tl.constexpr = (BLOCK_K * BITS // 4) if BITS < 4 else BLOCK_K
+    BKW: tl.constexpr = 16 if BKW0 < 16 else BKW0
     kw_total = K // PER
     col = offs_n[None, :]
     col2 = col + n_up
-    offs_w = tl.arange(0, BLOCK_K)
+    offs_w = tl.arange(0, BKW)
     words, s, z, p0, sp0, p1, sp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols, K, 0, col,
-                                               n_mask, KIND, BITS, NP, BLOCK_K)
+                                               n_mask, KIND, BITS, NP, BKW)
     words2, s2, z2, q0, tp0, q1, tp1 = words, s, z, p0, sp0, p1, sp1
     if DUAL:
         words2, s2, z2, q0, tp0, q1, tp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols, K, 0,
-                                                      col2, n_mask, KIND, BITS, NP, BLOCK_K)
-    for w0 in range(0, kw_total, BLOCK_K):
+                                                      col2, n_mask, KIND, BITS, NP, BKW)
+    for w0 in range(0, kw_total, BKW):
         nwords, ns, nz, np0, nsp0, np1, nsp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols, K,
-                                                          w0 + BLOCK_K, col, n_mask, KIND, BITS, NP, BLOCK_K)
+                                                          w0 + BKW, col, n_mask, KIND, BITS, NP, BKW)
         nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1 = nwords, ns, nz, np0, nsp0, np1, nsp1
         if DUAL:
             nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g,
-                                                                 wcols, K, w0 + BLOCK_K, col2, n_mask, KIND, BITS,
-                                                                 NP, BLOCK_K)
+                                                                 wcols, K, w0 + BKW, col2, n_mask, KIND, BITS,
+                                                                 NP, BKW)
         wr = w0 + offs_w
         kr = wr * PER  # K row of code slot 0 of each word
         psh = (kr % 32)[:, None]  # bit of row kr in its 1-bit plane word (PER divides 32)
