@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
 import torch
 
@@ -37,11 +38,11 @@ def bench_one(geom: str, ctx: int, label: str, batch: int, page: int = 16) -> di
     nf = torch.ones(batch, dtype=torch.int32, device=dev)
     fn = lambda: decode.paged_decode_attention(q, cache, table, lo, hi, fk, fk, nf, fmt, d ** -0.5,  # noqa: E731
                                                num_splits=16)
-    ms = triton.testing.do_bench(fn, quantile=None)
+    ms = triton.testing.do_bench(fn, warmup=10, rep=50, quantile=None)
     kbf = torch.randn(batch, h, ctx, d, device=dev, dtype=torch.bfloat16)
     qb = q.unsqueeze(2)
     base = lambda: torch.nn.functional.scaled_dot_product_attention(qb, kbf, kbf, enable_gqa=True)  # noqa: E731
-    ms_bf16 = triton.testing.do_bench(base, quantile=None)
+    ms_bf16 = triton.testing.do_bench(base, warmup=10, rep=50, quantile=None)
     nbytes = batch * ctx * h * fmt.slot_bytes
     return {"geom": geom, "ctx": ctx, "batch": batch, "config": label, "slot_bytes": fmt.slot_bytes,
             "bits_per_elem": round(fmt.bits_per_element(), 4), "capacity_vs_bf16": round(fmt.compression_vs(2), 3),
@@ -55,15 +56,24 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args(argv)
     rows = []
+    t0 = time.time()
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch_8k": args.batch,
+            "batch_32k": max(args.batch // 4, 1)}
     for geom in GEOMS:
         for ctx in (8192, 32768):
             for label in CONFIGS:
                 rows.append(bench_one(geom, ctx, label, args.batch if ctx <= 8192 else max(args.batch // 4, 1)))
                 print(rows[-1], flush=True)
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
-    with open(args.json, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+                _write(args.json, {"meta": {**meta, "seconds": round(time.time() - t0, 1)}, "rows": rows})
     return 0
+
+
+def _write(path: str, obj: dict) -> None:
+    """Atomic JSON write (rewritten after every row, so a killed run keeps what it measured)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
