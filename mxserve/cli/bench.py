@@ -4,12 +4,21 @@ Variants (random weights via ``--load-format dummy`` on config-only model direct
   bf16; fp8 (``--quantization fp8``, online); gptq_w4 (GPTQ-Marlin W4 g128 sym on attention + experts);
   mxmoe_w4 (int4 g128 asym on attention + experts); mxmoe_mix25 (experts 75% int2 / 25% int3 g128 asym = 2.5 bits
   with metadata, attention int4).
-Per variant and batch size B: ``vllm bench throughput --max-num-seqs B`` (output tok/s); once per variant
-``vllm bench latency --batch-size 1 --output-len 1`` (TTFT proxy: one prefill). Weight memory is parsed from vLLM's
-"Model loading took X GiB" log line. Writes ``--json`` and appends a markdown row per variant to ``--markdown``.
+Runner ``engine`` (default): ONE vLLM engine per variant (``python -m mxserve.vllm_plugin.bench_runner`` in a
+subprocess, default torch.compile + CUDA graphs): output tok/s at each batch size B (B prompts of ``--input-len``
+random tokens, ``--output-len`` output tokens, all in flight at once) and TTFT (one prompt, one output token, mean
+of 10). Runner ``vllm-bench``: ``vllm bench throughput --max-num-seqs B`` per B plus ``vllm bench latency`` (one
+engine start per call: several minutes per variant). Weight memory is parsed from vLLM's "Model loading took X GiB"
+log line. A failing variant is recorded with its error and the others still run; the JSON is rewritten after each
+variant (atomic) and ends with the issue's targets (mxmoe W4 >= 1.0x GPTQ-W4 and the 2.5-bit mix >= 1.25x GPTQ-W4
+at B <= 32; mix weights <= 0.3x bf16). ``--markdown`` gets the table appended.
 
-Example (H200)::
+Examples (H200)::
 
+    # the issue's quick comparison, 4-layer A3B geometry (~5-7 min)
+    mxserve bench e2e --preset qwen3-30b-a3b --layers 4 --batch-sizes 1,8,32 --out /tmp/e2e \
+        --json $OUT/e2e.json --markdown $OUT/e2e.md
+    # full geometry
     mxserve bench e2e --preset qwen3-30b-a3b --layers 48 --out /tmp/e2e --json $OUT/e2e.json --markdown $OUT/e2e.md
 """
 from __future__ import annotations
@@ -42,7 +51,11 @@ def add_parser(subparsers) -> None:
     e.add_argument("--input-len", type=int, default=128)
     e.add_argument("--output-len", type=int, default=512)
     e.add_argument("--min-prompts", type=int, default=8, help="num-prompts = max(min_prompts, 2*B)")
-    e.add_argument("--extra", default="", help="extra arguments for every vllm bench call (one string)")
+    e.add_argument("--extra", default="", help="extra arguments for every vllm bench call (one string; vllm-bench)")
+    e.add_argument("--runner", choices=("engine", "vllm-bench"), default="engine",
+                   help="engine: one vLLM engine per variant (fast); vllm-bench: vllm bench throughput/latency")
+    e.add_argument("--engine-json", default="{}", help="extra vllm.LLM kwargs for the engine runner (JSON object)")
+    e.add_argument("--variant-timeout", type=float, default=420.0, help="seconds per variant (engine runner)")
     e.add_argument("--dry-run", action="store_true", help="write the model directories and print the commands")
     e.set_defaults(func=run)
     p.set_defaults(func=lambda a: p.print_help() or 2)
@@ -127,6 +140,80 @@ def _common(variant: str, d: str) -> list[str]:
     return ["--model", d, "--load-format", "dummy", "--max-model-len", "4096", *q]
 
 
+_QUANT = {"fp8": "fp8", "gptq_w4": "gptq_marlin", "mxmoe_w4": "mxmoe", "mxmoe_mix25": "mxmoe"}
+
+
+def bench_variant_engine(variant: str, d: str, a, logs: str) -> dict:
+    """One engine for the variant (``mxserve.vllm_plugin.bench_runner`` subprocess); weight GiB from its log."""
+    lj, log = os.path.join(logs, f"{variant}-engine.json"), os.path.join(logs, f"{variant}-engine.log")
+    cmd = [sys.executable, "-m", "mxserve.vllm_plugin.bench_runner", "--model", d, "--batch-sizes", a.batch_sizes,
+           "--input-len", str(a.input_len), "--output-len", str(a.output_len), "--engine-json", a.engine_json,
+           "--json", lj]
+    if variant in _QUANT:
+        cmd += ["--quantization", _QUANT[variant]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=a.variant_timeout)
+        except subprocess.TimeoutExpired:  # kill the whole group: the engine-core child holds the GPU
+            rc = f"timeout after {a.variant_timeout:.0f}s"
+            _kill_group(proc)
+        else:
+            _kill_group(proc)  # a leftover engine core must not overlap the next variant
+    text = open(log, errors="replace").read()
+    if rc != 0:
+        raise RuntimeError(f"bench_runner {variant} failed (rc={rc}); log {log}:\n" + _first_errors(text))
+    r = json.load(open(lj))
+    res = {"variant": variant, "throughput": {int(b): v for b, v in r["throughput"].items()},
+           "ttft_ms": r["ttft_ms"], "ttft_p50_ms": r.get("ttft_p50_ms"), "startup_s": r.get("startup_s")}
+    mem = _MEM_RE.search(text)
+    if mem:
+        res["weight_gib"] = float(mem.group(1))
+    return res
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=15)
+            time.sleep(1.0 if sig == signal.SIGTERM else 0)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _first_errors(text: str, n: int = 30) -> str:
+    """From the first ERROR / Traceback line, ``n`` lines, then the last 20 lines of the log."""
+    lines = text.splitlines(True)
+    i = next((k for k, l in enumerate(lines) if re.search(r"\bERROR\b|Traceback", l)), None)
+    head = "".join(lines[i:i + n]) if i is not None else ""
+    return head + "...\n" + "".join(lines[-20:])
+
+
+def targets(results: list[dict], batch_sizes: list[int]) -> dict:
+    """The issue's acceptance ratios: min over B <= 32 of variant / GPTQ-W4 tok/s, and mix weights / bf16."""
+    by = {r["variant"]: r for r in results if "throughput" in r}
+    out: dict = {}
+    g = by.get("gptq_w4")
+    for v, need in (("mxmoe_w4", 1.0), ("mxmoe_mix25", 1.25)):
+        if g and v in by:
+            rs = [by[v]["throughput"][b] / g["throughput"][b] for b in batch_sizes
+                  if b <= 32 and by[v]["throughput"].get(b) and g["throughput"].get(b)]
+            if rs:
+                out[f"{v}_min_vs_gptq_w4"] = {"value": min(rs), "target": need, "ok": min(rs) >= need}
+    mix, bf = by.get("mxmoe_mix25", {}).get("weight_gib"), by.get("bf16", {}).get("weight_gib")
+    if mix and bf:
+        out["mxmoe_mix25_weights_vs_bf16"] = {"value": mix / bf, "target": 0.3, "ok": mix / bf <= 0.3}
+    return out
+
+
 def bench_variant(variant: str, d: str, a, logs: str) -> dict:
     res: dict = {"variant": variant, "throughput": {}}
     extra = a.extra.split() if a.extra else []
@@ -153,10 +240,15 @@ def markdown_rows(results: list[dict], batch_sizes: list[int], label: str) -> st
     """Markdown table: output tok/s per batch size, min ratio vs GPTQ-Marlin W4 at B<=32, TTFT, weight memory."""
     by = {r["variant"]: r for r in results}
     gptq, bf16 = by.get("gptq_w4"), by.get("bf16")
+    gptq = gptq if gptq and "throughput" in gptq else None
     head = ("| run | variant | " + " | ".join(f"tok/s B={b}" for b in batch_sizes)
             + " | min vs GPTQ-W4 (B<=32) | TTFT ms | weights GiB | weights vs bf16 |\n|" + "---|" * (len(batch_sizes) + 6))
     rows = []
     for r in results:
+        if "throughput" not in r:
+            rows.append("| " + " | ".join([label, r["variant"], *("-" for _ in batch_sizes), "failed", "-", "-", "-"])
+                        + " |")
+            continue
         t = r["throughput"]
         ratios = [t[b] / gptq["throughput"][b] for b in batch_sizes
                   if b <= 32 and gptq and t.get(b) and gptq["throughput"].get(b)]
@@ -182,20 +274,32 @@ def run(a) -> int:
         print(json.dumps(dirs, indent=1))
         return 0
     t0, results = time.time(), []
-    for v in variants:
-        results.append(bench_variant(v, dirs[v], a, logs))
-        print(json.dumps(results[-1]), flush=True)
+    batch_sizes = [int(x) for x in a.batch_sizes.split(",")]
     label = f"{a.preset} L={a.layers} in{a.input_len}/out{a.output_len}"
-    out = {"preset": a.preset, "layers": a.layers, "input_len": a.input_len, "output_len": a.output_len,
-           "batch_sizes": [int(x) for x in a.batch_sizes.split(",")], "results": results,
-           "wall_s": time.time() - t0}
-    tmp = a.json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(tmp, a.json)
-    md = markdown_rows(results, out["batch_sizes"], label)
+    fn = bench_variant_engine if a.runner == "engine" else bench_variant
+    out: dict = {}
+    for v in variants:
+        tv = time.time()
+        try:
+            res = fn(v, dirs[v], a, logs)
+        except Exception as e:  # record and go on: one broken peer must not cost the whole comparison
+            res = {"variant": v, "error": str(e)[-4000:]}
+            print(f"[bench e2e] {v} FAILED: {str(e)[:2000]}", file=sys.stderr, flush=True)
+        res["wall_s"] = round(time.time() - tv, 1)
+        results.append(res)
+        print(json.dumps({k: v_ for k, v_ in res.items() if k != "error"}), flush=True)
+        out = {"preset": a.preset, "layers": a.layers, "input_len": a.input_len, "output_len": a.output_len,
+               "batch_sizes": batch_sizes, "runner": a.runner, "results": results,
+               "targets": targets(results, batch_sizes), "wall_s": round(time.time() - t0, 1)}
+        tmp = a.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(tmp, a.json)
+    md = markdown_rows(results, batch_sizes, label)
+    md += "".join(f"\n- {k}: {t['value']:.2f} (target {t['target']}) {'OK' if t['ok'] else 'MISSED'}"
+                  for k, t in out["targets"].items()) + "\n"
     print(md)
     if a.markdown:
         with open(a.markdown, "a") as f:
             f.write(md)
-    return 0
+    return 0 if all("error" not in r for r in results) else 1
