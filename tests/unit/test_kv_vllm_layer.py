@@ -48,6 +48,8 @@ def test_attention_layer_gets_packed_backend_and_spec(vllm_cpu):
     assert (bs * 2 * 2 * 128 * 2) / spec.page_size_bytes >= 7.0  # vs the bf16 page of the same layer
     shape = layer.attn_backend.get_kv_cache_shape(3, bs, spec.num_kv_heads, spec.head_size)
     assert shape == (3, bs, 2, slot)
+    # the model loader calls the quant method's hook, then the layer's (vllm model_loader/utils.py)
+    layer.quant_method.process_weights_after_loading(layer)
     layer.process_weights_after_loading(torch.bfloat16)
     assert isinstance(layer.impl, MxKVImpl) and layer.impl.fmt.slot_bytes == slot
     assert layer.impl.kv_quant_mode.name == "NONE"

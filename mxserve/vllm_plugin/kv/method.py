@@ -67,3 +67,7 @@ class MxKVCacheMethod(BaseKVCacheMethod):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         # no checkpoint KV scales: quantization is dynamic per token; keep vLLM's defaults
         super().process_weights_after_loading(layer)
+        # channel orders on the layer's device now, so no host->device copy can land inside a CUDA-graph capture
+        ref = getattr(layer, "_k_scale", None)
+        if isinstance(ref, torch.Tensor) and isinstance(layer.impl, B.MxKVImpl):
+            layer.impl._to(ref.device)
