@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--clip-search", action="store_true", help="per-group clip-ratio search")
     p.add_argument("--sens-norm", choices=["layer", "none"], default="layer",
                    help="allocator sensitivity: relative to each layer's residual energy (default) or raw")
+    p.add_argument("--per-layer-budget", action="store_true",
+                   help="every layer meets --bits on its own (MxMoE per-layer solve) instead of the model average")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--samples", type=int, default=128, help="calibration sequences")
     p.add_argument("--seed", type=int, default=0)
@@ -59,7 +61,7 @@ def run(args) -> int:
                             progress=not args.json, seq_len=args.seq_len, n_samples=args.samples,
                             cost_weight=args.cost_weight, clip_search=args.clip_search, force=args.force,
                             candidates=args.candidates.split(",") if args.candidates else None,
-                            sens_norm=args.sens_norm, synthetic=synthetic)
+                            sens_norm=args.sens_norm, per_layer_budget=args.per_layer_budget, synthetic=synthetic)
     if args.json:
         print(json.dumps(s, indent=1))
     else:

@@ -4,8 +4,8 @@
 
 DIR is ``mxserve demo-model --out DIR`` (checkpoint + calib.txt + eval.txt). Writes one JSON object with, per
 budget, the true average bits and {ppl, kld, top1} of the uniform checkpoint (the issue's baseline: int2_g128_asym
-at 2.25, int3_g128_asym at 3.25, GPTQ) and of the mixed plan for each ``--sens-norm`` (default both "layer" and
-"none"), and their KLD ratios; prints one ``RATIO`` line per ratio.
+at 2.25, int3_g128_asym at 3.25, GPTQ) and of the mixed plan for each ``--variants`` entry (default: layer, none,
+perlayer), and their KLD ratios; prints one ``RATIO`` line per ratio.
 """
 from __future__ import annotations
 
@@ -30,31 +30,44 @@ def _quantize_and_compare(demo_p: pathlib.Path, dst: pathlib.Path, b: float, dev
     return dict(r, avg_bits=s["avg_bits"], histogram=s["histogram"], seconds=round(time.time() - t, 1))
 
 
+# mixed-plan variants: name -> quantize_checkpoint kwargs
+VARIANTS = {"layer": dict(sens_norm="layer"),                            # cross-layer, layer-normalised (default)
+            "none": dict(sens_norm="none"),                              # cross-layer, raw squared norms
+            "perlayer": dict(sens_norm="none", per_layer_budget=True)}   # MxMoE's per-layer solve
+
+
 def measure(demo: str, bits: list[float], device: str | None, method: str = "gptq", samples: int = 128,
-            seq_len: int = 256, sens_norms: tuple[str, ...] = ("layer", "none"),
+            seq_len: int = 256, variants: tuple[str, ...] = ("layer", "none", "perlayer"),
             candidates: list[str] | None = None) -> dict:
     """Quantize ``demo`` uniformly and mixed at each budget and compare both with the bf16 model.
 
     Args:
-        sens_norms: sensitivity normalisations to run the mixed plan with; the first is the headline
-            ("mixed"), the others are reported as "mixed_<norm>" with their own ratios.
+        variants: mixed-plan variants (keys of ``VARIANTS``); the first is the headline ("mixed"), the others
+            are reported as "mixed_<variant>" with their own ratios. Pass 1 (sensitivity) runs once and is
+            shared by all budgets and variants.
     Returns:
-        {"demo", "method", "sens_norms", "seconds", "budgets": {bits: {"uniform": {...}, "mixed": {...},
+        {"demo", "method", "variants", "seconds", "budgets": {bits: {"uniform": {...}, "mixed": {...},
         "mixed_<norm>": {...}, "kld_ratio_mixed_over_uniform": float, "kld_ratio_mixed_<norm>_over_uniform": ...}}}.
     """
     demo_p = pathlib.Path(demo)
-    out: dict = {"demo": str(demo_p), "method": method, "sens_norms": list(sens_norms), "budgets": {}}
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+    out: dict = {"demo": str(demo_p), "method": method, "variants": list(variants), "budgets": {}}
+    cache: dict = {}
     t_all = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for b in bits:
             row = {"uniform": _quantize_and_compare(demo_p, pathlib.Path(tmp) / f"uniform-{b}", b, device, method,
                                                     samples, seq_len, uniform=True, candidates=candidates)}
-            for i, norm in enumerate(sens_norms):
-                key = "mixed" if i == 0 else f"mixed_{norm}"
+            for i, var in enumerate(variants):
+                key = "mixed" if i == 0 else f"mixed_{var}"
                 row[key] = _quantize_and_compare(demo_p, pathlib.Path(tmp) / f"{key}-{b}", b, device, method,
-                                                 samples, seq_len, sens_norm=norm, candidates=candidates)
+                                                 samples, seq_len, candidates=candidates, sens_cache=cache,
+                                                 **VARIANTS[var])
+                row[key]["variant"] = var
                 row[f"kld_ratio_{key}_over_uniform"] = row[key]["kld"] / max(row["uniform"]["kld"], 1e-30)
-                print(f"bits {b} [{key}, sens-norm {norm}]: KLD mixed/uniform = "
+                print(f"bits {b} [{key}, variant {var}]: KLD mixed/uniform = "
                       f"{row[f'kld_ratio_{key}_over_uniform']:.3f} ({row[key]['kld']:.4g} vs "
                       f"{row['uniform']['kld']:.4g}; top-1 {row[key]['top1']:.3f} vs {row['uniform']['top1']:.3f}; "
                       f"{row[key]['histogram']})", flush=True)
@@ -69,12 +82,13 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=float, nargs="+", default=[2.25, 3.25])
     ap.add_argument("--method", default="gptq")
     ap.add_argument("--device")
-    ap.add_argument("--sens-norm", choices=["layer", "none"], nargs="+", default=["layer", "none"],
-                    help="mixed-plan sensitivity normalisation(s); the first is the headline 'mixed' row")
+    ap.add_argument("--variants", choices=sorted(VARIANTS), nargs="+", default=["layer", "none", "perlayer"],
+                    help="mixed-plan variants (layer: cross-layer with layer-normalised sensitivity; none: raw; "
+                         "perlayer: MxMoE per-layer budget); the first is the headline 'mixed' row")
     ap.add_argument("--candidates", help="comma list of scheme names (default: quantize's default candidates)")
     ap.add_argument("--json", help="write the result here too")
     a = ap.parse_args(argv)
-    res = measure(a.demo, a.bits, a.device, a.method, sens_norms=tuple(a.sens_norm),
+    res = measure(a.demo, a.bits, a.device, a.method, variants=tuple(a.variants),
                   candidates=a.candidates.split(",") if a.candidates else None)
     txt = json.dumps(res, indent=1)
     print(txt)

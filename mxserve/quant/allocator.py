@@ -54,7 +54,7 @@ def uniform_scheme(candidates: list[WeightScheme], budget: float) -> WeightSchem
 
 def allocate(sensitivity: dict[BlockKey, dict[str, float]], numel: dict[BlockKey, int],
              candidates: list[WeightScheme], budget: float, *, time_us: dict[BlockKey, dict[str, float]] | None = None,
-             r: float = 0.0, time_limit_s: float = DEFAULT_TIME_LIMIT_S) -> BitPlan:
+             r: float = 0.0, time_limit_s: float = DEFAULT_TIME_LIMIT_S, per_layer: bool = False) -> BitPlan:
     """Solve the allocation MILP.
 
     Args:
@@ -64,6 +64,8 @@ def allocate(sensitivity: dict[BlockKey, dict[str, float]], numel: dict[BlockKey
         budget: average bits per weight over all blocks, metadata included.
         time_us: {block: {scheme name: kernel microseconds}} (needed when r > 0).
         r: weight of the time term in [0, 1] (0 = accuracy only, MxMoE's weight-only setting).
+        per_layer: the budget holds in every layer separately (MxMoE ``--solve_mode layer``) instead of only on
+            the model average (cross-layer allocation, the default).
     Returns:
         BitPlan. Raises ValueError if the budget is below the cheapest scheme or inputs are incomplete.
     """
@@ -95,6 +97,14 @@ def allocate(sensitivity: dict[BlockKey, dict[str, float]], numel: dict[BlockKey
     scale = sizes.sum()
     mem = (np.outer(sizes, bits) / scale).reshape(1, -1)
     cons = [LinearConstraint(one_hot, 1, 1), LinearConstraint(mem, -np.inf, budget + 1e-12)]
+    if per_layer:
+        layers = sorted({b[0] for b in blocks})
+        li = {l: i for i, l in enumerate(layers)}
+        lrow = np.array([li[b[0]] for b in blocks])
+        lsum = np.bincount(lrow, weights=sizes)
+        vals = (np.outer(sizes / lsum[lrow], bits)).reshape(-1)
+        per = coo_matrix((vals, (np.repeat(lrow, ns), cols)), shape=(len(layers), nb * ns))
+        cons.append(LinearConstraint(per, -np.inf, budget + 1e-12))
     res = milp(c.reshape(-1), constraints=cons, integrality=np.ones(nb * ns), bounds=(0, 1),
                options={"mip_rel_gap": 0.0, "time_limit": time_limit_s, "disp": False})
     if res.x is None:

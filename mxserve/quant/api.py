@@ -57,6 +57,15 @@ def uniform_baseline(cands: list[WeightScheme], bits: float, group_size: int) ->
 SENS_NORMS = ("layer", "none")
 
 
+def normalise_sensitivity(sens: dict, layer_energy: dict[int, float], norm: str) -> dict:
+    """``norm="layer"``: divide each layer's block errors by the energy of that layer's output residual stream
+    over the calibration tokens (the next RMSNorm sees the relative perturbation, so a deep layer whose residual
+    norm has grown does not dominate the objective by scale alone). ``"none"``: raw squared norms."""
+    if norm == "none":
+        return sens
+    return {b: {n: v / max(layer_energy[b[0]], 1e-30) for n, v in d.items()} for b, d in sens.items()}
+
+
 def _progress(it, desc: str, on: bool):
     from tqdm import tqdm
     return tqdm(it, desc=desc, disable=not on, dynamic_ncols=True)
@@ -99,13 +108,11 @@ class _Job:
         return hasattr(getattr(layer_mod, "mlp", None), "experts")
 
     # ---- pass 1 ---------------------------------------------------------------------------------------------
-    def sensitivity(self, drv: LayerDriver, r: float, norm: str = "layer") -> tuple[dict, dict, dict]:
-        """Pass 1: {block: {scheme: error}}, {block: numel}, {block: {scheme: us}}.
+    def sensitivity(self, drv: LayerDriver, r: float) -> tuple[dict, dict, dict]:
+        """Pass 1: {block: {scheme: error}}, {block: numel}, {block: {scheme: us}}; fills ``layer_energy``.
 
         Errors are MxMoE layer-output norms (squared, summed over each expert's routed tokens with routing
-        weights, i.e. weighted by activation frequency). ``norm="layer"`` divides a layer's errors by the energy
-        of its output residual stream over the same tokens: the next RMSNorm sees the relative perturbation, so
-        a deep layer with a large residual norm does not dominate the objective by scale alone.
+        weights, i.e. weighted by activation frequency); ``normalise_sensitivity`` scales them per layer.
         """
         sens, numel, times = {}, {}, {}
         for l in _progress(range(self.geo["layers"]), "sensitivity", self.progress):
@@ -122,9 +129,6 @@ class _Job:
                     qdn, _ = quantize_stack(dn, data.h_down, s, self.opts, want_tensors=False)
                     per[s.name] = block_errors(data.h, data.topk_idx, data.topk_w, gu, dn, qgu, qdn, ex.act_fn)
                     del qgu, qdn
-                if norm == "layer":
-                    ref = max(drv.output_energy(), 1e-30)
-                    per = {n: v / ref for n, v in per.items()}
                 self.layer_energy[l] = drv.output_energy()
                 m = self.stats.tokens_per_expert(l, SERVING_BATCH_TOKENS)
                 two_i, hid = gu.shape[1], gu.shape[2]
@@ -226,7 +230,8 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
                         device=None, progress: bool = True, shared_bits: int | None = None,
                         seq_len: int = DEFAULT_SEQ_LEN, n_samples: int = DEFAULT_SAMPLES, cost_weight: float = 0.0,
                         clip_search: bool = False, force: bool = False, candidates: list[str] | None = None,
-                        sens_norm: str = "layer", synthetic=None) -> dict:
+                        sens_norm: str = "layer", per_layer_budget: bool = False, synthetic=None,
+                        sens_cache: dict | None = None) -> dict:
     """Quantize an HF MoE checkpoint; writes ``dst`` atomically and returns a summary dict.
 
     Args:
@@ -237,6 +242,9 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
         uniform: every expert block at the candidate nearest the budget (baseline), no sensitivity pass.
         cost_weight: r in the allocator objective (0 = accuracy only); kernel times from mxserve_kernels cost model.
         sens_norm: "layer" (errors relative to each layer's residual-stream energy) or "none" (raw squared norms).
+        per_layer_budget: every layer meets ``bits`` on its own (MxMoE's per-layer solve) instead of the average.
+        sens_cache: dict reused across calls (same source, calibration, candidates, method, device): pass 1
+            (router stats + sensitivity, independent of the budget) runs once for several budgets/variants.
         synthetic: (preset, layers) or a ``SyntheticCheckpoint``: ``src`` is ignored and random bf16 weights of
             that ``mxserve.models.tiny`` preset are generated layer by layer on the device (timing runs; nothing
             bf16 touches the disk).
@@ -287,11 +295,20 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
             schemes = {b: uni for b in blocks_numel}
             plan = BitPlan(schemes, average_bits(schemes, blocks_numel), 0.0, "uniform", 0.0)
         else:
-            drv.start()
-            sens, numel, times = job.sensitivity(drv, cost_weight, sens_norm)
+            key = (str(ckpt.path), calib, method, clip_search, tuple(c.name for c in cands), seq_len, n_samples,
+                   seed, str(device), cost_weight > 0)
+            if sens_cache is not None and key in sens_cache:
+                sens, numel, times, job.layer_energy, job.stats = sens_cache[key]
+                timings["sensitivity_cached"] = True
+            else:
+                drv.start()
+                sens, numel, times = job.sensitivity(drv, cost_weight)
+                if sens_cache is not None:
+                    sens_cache[key] = (sens, numel, times, job.layer_energy, job.stats)
             timings["sensitivity_s"] = round(time.time() - t, 2)
             t = time.time()
-            plan = allocate(sens, numel, cands, bits, time_us=times or None, r=cost_weight)
+            plan = allocate(normalise_sensitivity(sens, job.layer_energy, sens_norm), numel, cands, bits,
+                            time_us=times or None, r=cost_weight, per_layer=per_layer_budget)
             # dense layers (no experts) have no blocks in the plan
             blocks_numel = numel
             timings["allocate_s"] = round(time.time() - t, 2)
@@ -315,7 +332,8 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
                 "target_bits": bits, "avg_bits": round(plan.avg_bits, 6), "group_size": group_size,
                 "calibration": calib_info, "seed": seed, "timings": timings, "device": str(device),
                 "allocator": {"status": plan.status, "mip_gap": plan.mip_gap, "cost_weight": cost_weight,
-                              "sens_norm": sens_norm, "candidates": [c.name for c in cands]},
+                              "sens_norm": sens_norm, "per_layer_budget": per_layer_budget,
+                              "candidates": [c.name for c in cands]},
                 "histogram": hist, "router_stats": job.stats.to_dict()}
         qc = MxMoEConfig(default_scheme=BF16, modules=modules, experts=experts, meta=meta)
         config = dict(ckpt.config, quantization_config=qc.to_dict())

@@ -69,3 +69,31 @@ def test_budget_below_cheapest_is_one_clear_error():
 def test_uniform_scheme_nearest_not_above():
     assert uniform_scheme(CANDS, 2.25).name == "int2_g128_asym"
     assert uniform_scheme(CANDS, 3.3).name == "int3_g128_asym"
+
+
+def _layer_bits(plan, numel, layer):
+    blocks = [b for b in numel if b[0] == layer]
+    return sum(plan[b].bits_per_weight * numel[b] for b in blocks) / sum(numel[b] for b in blocks)
+
+
+@pytest.mark.parametrize("budget", [2.8, 3.25])
+def test_per_layer_budget_matches_brute_force(budget):
+    sens, numel = problem(nb=6, seed=2)
+    layers = sorted({b[0] for b in sens})
+    plan = allocate(sens, numel, CANDS, budget, per_layer=True)
+    blocks = sorted(sens)
+    best_val = float("inf")
+    for combo in itertools.product(CANDS, repeat=len(blocks)):
+        p = dict(zip(blocks, combo))
+        if all(_layer_bits(p, numel, l) <= budget + 1e-9 for l in layers):
+            best_val = min(best_val, sum(sens[b][p[b].name] for b in blocks))
+    assert all(_layer_bits(plan.schemes, numel, l) <= budget + 1e-9 for l in layers)
+    assert sum(sens[b][plan.schemes[b].name] for b in blocks) == pytest.approx(best_val, rel=1e-9)
+
+
+def test_layer_normalisation_divides_by_layer_energy():
+    from mxserve.quant.api import normalise_sensitivity
+    sens = {(0, 0, "down"): {"a": 4.0}, (1, 0, "down"): {"a": 4.0}}
+    out = normalise_sensitivity(sens, {0: 2.0, 1: 8.0}, "layer")
+    assert out[(0, 0, "down")]["a"] == 2.0 and out[(1, 0, "down")]["a"] == 0.5
+    assert normalise_sensitivity(sens, {0: 2.0, 1: 8.0}, "none") is sens
