@@ -144,9 +144,9 @@ class MxLinearMethod(LinearMethodBase):
             check_loaded(self.prefix, layer._mx_expected, layer._mx_loaded)
         device = next(iter(tensors.values())).device
         if self.plan_cfg is not None:
-            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-            weight_stats.record(self.prefix, {weight_stats.precision_label(self.scheme): (
-                nbytes, layer._mx_n * layer._mx_k, self.scheme.bits)}, self.plan_cfg)
+            weight_stats.record_lazy(self.prefix, lambda: {weight_stats.precision_label(self.scheme): (
+                sum(t.numel() * t.element_size() for t in tensors.values()), layer._mx_n * layer._mx_k,
+                self.scheme.bits)}, self.plan_cfg)
         layer._mx_lw = ka.prepare_linear(self.scheme, tensors, k=layer._mx_k, device=device)
         for s in tensor_names(self.scheme):
             delattr(layer, s)

@@ -200,7 +200,7 @@ class MxMoEMethod(FusedMoEMethodBase):
                 lst.append((plan[g], tensors))
             experts[proj] = lst
         if self.plan_cfg is not None:
-            weight_stats.record(self.prefix, self._precision_bytes(layer), self.plan_cfg)
+            weight_stats.record_lazy(self.prefix, lambda: self._precision_bytes(layer), self.plan_cfg)
         layer._mx_moe = ka.prepare_experts(gate_up=experts["w13"], down=experts["w2"], hidden=H, inter=Ip)
         for name in layer._mx_params:
             delattr(layer, name)

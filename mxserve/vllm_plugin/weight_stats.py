@@ -107,6 +107,16 @@ def record(prefix: str, per_precision: dict[str, tuple[int, int, int]], cfg) -> 
         logger.warning("mxserve metrics: cannot publish weight stats for %s: %s", prefix, e)
 
 
+def record_lazy(prefix: str, compute, cfg) -> None:
+    """:func:`record` of ``compute()`` (a callable returning the per-precision dict); never raises."""
+    try:
+        per = compute()
+    except Exception as e:  # metrics must never break model loading
+        logger.warning("mxserve metrics: cannot size %s: %s", prefix, e)
+        return
+    record(prefix, per, cfg)
+
+
 def _refresh_forever() -> None:
     import time
 
