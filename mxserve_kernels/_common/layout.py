@@ -13,7 +13,8 @@ Every per-expert weight ``W [N, K]`` is stored K-major so that tile loads are co
     ``q * scale + zero`` (+ ``sum_p (2*bit_p - 1) * plane_scale_p`` for nested). ``meta_dtype`` is the common
     canonical scale dtype, or fp32 when experts mix bf16 and fp16 scales (both convert exactly).
   * ``wbf``  bf16, flat; expert e at ``einfo[e, WOFF]``: ``[K, N]`` (bf16 passthrough experts).
-  * ``einfo`` int64 ``[E, NFIELDS]``: kind, bits, group size, offsets (see the ``F_*`` constants).
+  * ``einfo`` int64 ``[E, NFIELDS]``: kind, bits, group size, offsets in units of ``OFF_UNIT`` = 16 elements (each
+    expert's data is zero-padded to 16 elements so the next one starts aligned), planes (see the ``F_*`` constants).
 
 The torch dequantizer ``dequant_expert`` here is bit-exact with ``quant.reference.dequantize`` in fp32; the Triton
 kernels compute the same expression.
@@ -37,6 +38,9 @@ _SCALE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 ALL_KINDS = 255
+# einfo offsets are in units of OFF_UNIT elements: every expert's data starts 16-element aligned, and the kernel
+# computes ``off * 16`` so the compiler can prove the alignment and vectorise the tile loads
+OFF_UNIT = 16
 
 
 def kind_bit(kind: int, bits: int, nplanes: int) -> int:
@@ -150,6 +154,12 @@ def _check(scheme: WeightScheme, tensors: dict[str, torch.Tensor], n: int, k: in
             raise ValueError(f"{where}.{name}: expected uint8, got {t.dtype}")
 
 
+def _pad16(flat: torch.Tensor) -> torch.Tensor:
+    """Zero-pad a flat buffer to a multiple of OFF_UNIT elements (so every expert starts aligned)."""
+    pad = -flat.numel() % OFF_UNIT
+    return torch.cat([flat, flat.new_zeros(pad)]) if pad else flat
+
+
 def _words_kmajor(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [N, C] (C % 4 == 0) -> int32 [C/4, N] (little-endian words, K-major)."""
     return packed.contiguous().view(torch.int32).t().contiguous()
@@ -187,8 +197,8 @@ def pack_projection(experts: Sequence[tuple[WeightScheme, dict[str, torch.Tensor
         _check(s, t, n, k, w)
         t = {name: v.to(device) for name, v in t.items()}
         if s.bits == 16:
-            wb = t["weight"].to(torch.bfloat16).t().contiguous().reshape(-1)
-            info.append([KIND_BF16, 16, 0, 0, 0, 0, woff, 0])
+            wb = _pad16(t["weight"].to(torch.bfloat16).t().contiguous().reshape(-1))
+            info.append([KIND_BF16, 16, 0, 0, 0, 0, woff // OFF_UNIT, 0])
             wbfs.append(wb)
             woff += wb.numel()
             continue
@@ -216,13 +226,15 @@ def pack_projection(experts: Sequence[tuple[WeightScheme, dict[str, torch.Tensor
         meta = torch.stack([scales, zeros] + [p.to(torch.float32) for p in pscales])  # [2+P', N, K/G]
         meta = meta.transpose(1, 2).contiguous().to(meta_dtype).reshape(-1)
         qwk = _words_kmajor(q).reshape(-1)
-        info.append([kind, s.bits, g, qoff, poff, moff, 0, len(planes)])
+        meta = _pad16(meta)
+        qwk = _pad16(qwk)
+        info.append([kind, s.bits, g, qoff // OFF_UNIT, poff // OFF_UNIT, moff // OFF_UNIT, 0, len(planes)])
         qws.append(qwk)
         metas.append(meta)
         qoff += qwk.numel()
         moff += meta.numel()
-        for p in planes:
-            pk = _words_kmajor(p).reshape(-1)
+        if planes:  # an expert's planes are contiguous ([P, K/32, N]), padded once after the last
+            pk = _pad16(torch.cat([_words_kmajor(p).reshape(-1) for p in planes]))
             pws.append(pk)
             poff += pk.numel()
 
@@ -247,6 +259,7 @@ def dequant_expert(pw: PackedWeights, e: int) -> torch.Tensor:
     ``quant.reference.dequantize`` of the canonical tensors). Returns zeros for an expert with no weights."""
     n, k = pw.n, pw.k
     kind, bits, g, qoff, poff, moff, woff, npl = (int(v) for v in pw.einfo[e].cpu())
+    qoff, poff, moff, woff = (v * OFF_UNIT for v in (qoff, poff, moff, woff))
     if kind == KIND_NONE:
         return torch.zeros(n, k, dtype=torch.float32, device=pw.device)
     if kind == KIND_BF16:

@@ -18,7 +18,8 @@ import torch
 from mxserve_kernels._common import configs
 from mxserve_kernels.bench.bench_moe import SHAPES, TOKENS, _bench, build_ours
 from mxserve_kernels.moe import moe_align
-from mxserve_kernels.moe.grouped_gemm import MODE_DOWN, MODE_GATE_UP, grouped_gemm
+from mxserve_kernels.moe.fused_moe import PREFILL_DEQUANT_ROWS
+from mxserve_kernels.moe.grouped_gemm import MODE_DOWN, MODE_GATE_UP, dequant_bf16, grouped_gemm
 
 COST_SCHEMES = ("int1_g128_asym", "int2_g128_asym", "int3_g128_asym", "int4_g128_asym", "int8_g128_sym", "bf16")
 COST_M = (1, 4, 16, 64, 256, 1024)
@@ -52,14 +53,18 @@ def tune_shape(model: str, tokens: list[int], quick: bool) -> dict:
         tw = tw.float()
         best = {}
         hmid = torch.randn(t * k, i, device="cuda").to(torch.bfloat16)
+        # what fused_moe runs at this T: in-loop dequant, or (prefill) the bf16 weights of the dequant path
+        pre = t * k / e >= PREFILL_DEQUANT_ROWS
+        w13 = dequant_bf16(w.w13) if pre else w.w13
+        w2 = dequant_bf16(w.w2) if pre else w.w2
         for proj in ("w13", "w2"):
             results = []
             for cfg in candidates(t * k / e, quick):
                 route = moe_align(ids, e, cfg["BLOCK_M"])
                 if proj == "w13":
-                    fn = lambda: grouped_gemm(x, w.w13, cfg, mode=MODE_GATE_UP, route=route, a_div=k)  # noqa: E731
+                    fn = lambda: grouped_gemm(x, w13, cfg, mode=MODE_GATE_UP, route=route, a_div=k)  # noqa: E731
                 else:
-                    fn = lambda: grouped_gemm(hmid, w.w2, cfg, mode=MODE_DOWN, route=route,  # noqa: E731
+                    fn = lambda: grouped_gemm(hmid, w2, cfg, mode=MODE_DOWN, route=route,  # noqa: E731
                                               topk_weights=tw)
                 try:
                     results.append((_bench(fn, graph=True, rep=rep), cfg))

@@ -5,7 +5,18 @@ import torch
 
 from mxserve_kernels._common import configs
 from mxserve_kernels.moe import reference
-from mxserve_kernels.moe.grouped_gemm import MODE_DOWN, MODE_GATE_UP, grouped_gemm, triton_usable
+from mxserve_kernels._common.layout import OFF_UNIT
+from mxserve_kernels.moe.grouped_gemm import MODE_DOWN, MODE_GATE_UP, dequant_bf16, grouped_gemm, triton_usable
+
+# prefill: at >= this many rows per expert (T*K/E), integer experts are dequantized to bf16 once per forward and the
+# GEMMs run on bf16 weights (tensor-core bound regime: the dequant's extra bytes are cheaper than in-loop dequant)
+PREFILL_DEQUANT_ROWS = 256
+
+
+def _prefill_weights(pw, rows_per_expert: float, enabled: bool):
+    if enabled and rows_per_expert >= PREFILL_DEQUANT_ROWS and pw.kinds_mask & ~1 and (pw.k * pw.n) % OFF_UNIT == 0:
+        return dequant_bf16(pw)
+    return pw
 from mxserve_kernels.moe.routing import Route, moe_align
 from mxserve_kernels.moe.weights import MoEWeights
 
@@ -22,7 +33,8 @@ def moe_config(w: MoEWeights, num_tokens: int, top_k: int) -> dict[str, dict[str
 
 def fused_moe(x: torch.Tensor, w: MoEWeights, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
               activation: str = "silu", expert_map: torch.Tensor | None = None,
-              config: dict[str, dict[str, int]] | None = None, route: Route | None = None) -> torch.Tensor:
+              config: dict[str, dict[str, int]] | None = None, route: Route | None = None,
+              prefill_dequant: bool = True) -> torch.Tensor:
     """out[t] = sum_k topk_weights[t,k] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t,k].
 
     Args:
@@ -33,6 +45,8 @@ def fused_moe(x: torch.Tensor, w: MoEWeights, topk_weights: torch.Tensor, topk_i
         expert_map: optional [E_global] global -> local id, -1 = not on this rank.
         config: launch configs (default: tuned JSON or the documented default).
         route: precomputed tile map (e.g. from vLLM's moe_align_block_size); BLOCK_M must match the config.
+        prefill_dequant: allow the prefill path (>= PREFILL_DEQUANT_ROWS rows per expert: integer experts
+            dequantized to a bf16 [E, K, N] scratch, then bf16 GEMMs).
     Returns:
         [T, H] x.dtype. On CPU without TRITON_INTERPRET=1 this is ``reference.fused_moe``.
     """
@@ -47,7 +61,9 @@ def fused_moe(x: torch.Tensor, w: MoEWeights, topk_weights: torch.Tensor, topk_i
         raise ValueError("fused_moe: config w13 and w2 must share BLOCK_M")
     if route is None:
         route = moe_align(topk_ids, w.num_experts, cfg["w13"]["BLOCK_M"], expert_map)
-    h = grouped_gemm(x, w.w13, cfg["w13"], mode=MODE_GATE_UP, route=route, a_div=k)  # [T*K, I]
-    y = grouped_gemm(h, w.w2, cfg["w2"], mode=MODE_DOWN, route=route, topk_weights=topk_weights,
+    r = t * k / max(w.num_experts, 1)
+    h = grouped_gemm(x, _prefill_weights(w.w13, r, prefill_dequant), cfg["w13"], mode=MODE_GATE_UP, route=route,
+                     a_div=k)  # [T*K, I]
+    y = grouped_gemm(h, _prefill_weights(w.w2, r, prefill_dequant), cfg["w2"], mode=MODE_DOWN, route=route, topk_weights=topk_weights,
                      zero_init=expert_map is not None)  # [T*K, H], router weights applied
     return y.view(t, k, w.hidden).sum(dim=1) if k > 1 else y.view(t, w.hidden)

@@ -9,7 +9,8 @@ import os
 
 import torch
 
-from mxserve_kernels._common.layout import NFIELDS, PackedWeights
+from mxserve_kernels._common.layout import (F_BITS, F_KIND, F_WOFF, KIND_BF16, KIND_NONE, NFIELDS, OFF_UNIT,
+                                            PackedWeights)
 from mxserve_kernels.moe.routing import Route
 
 try:  # importable without Triton; the op then raises a clear error when called
@@ -104,3 +105,44 @@ def grouped_gemm(x: torch.Tensor, w: PackedWeights, cfg: dict[str, int], *, mode
     return torch.ops.mxserve.grouped_gemm(x, w.qw, w.pw, w.meta, w.wbf, w.einfo, sorted_ids, block_expert, num_post,
                                           tw, n_out, w.k, w.n, n_out, a_div, num_valid, out_rows, mode, dense,
                                           zero_init, _cfg_list(cfg), w.kinds_mask)
+
+
+@torch.library.custom_op("mxserve::dequant_bf16", mutates_args=())
+def dequant_bf16_op(qw: torch.Tensor, pw: torch.Tensor, meta: torch.Tensor, wbf: torch.Tensor, einfo: torch.Tensor,
+                    n: int, k: int, kinds: int) -> torch.Tensor:
+    """Raw op: every expert's W^T as bf16 ``[E, K, N]`` (K-major, the ``wbf`` layout); use ``dequant_bf16``."""
+    if not HAS_TRITON:
+        raise RuntimeError("mxserve::dequant_bf16 needs Triton")
+    e = einfo.shape[0]
+    out = torch.empty((e, k, n), dtype=torch.bfloat16, device=qw.device)
+    block_n = 64
+    _kernels.dequant_kernel[(e, triton.cdiv(k, 256), triton.cdiv(n, block_n))](
+        out, qw, pw, meta, wbf, einfo, n, k, NFIELDS=NFIELDS, KINDS=kinds, BLOCK_N=block_n, num_warps=4)
+    return out
+
+
+@dequant_bf16_op.register_fake
+def _(qw, pw, meta, wbf, einfo, n, k, kinds):
+    return qw.new_empty((einfo.shape[0], k, n), dtype=torch.bfloat16)
+
+
+def dequant_bf16(w: PackedWeights) -> PackedWeights:
+    """The projection with every expert dequantized to bf16 (prefill path: one bandwidth-bound dequant launch, then
+    the bf16 grouped GEMM at tensor-core speed). Experts with no weights stay empty.
+
+    Args:
+        w: the projection ([N, K] per expert), any mix of schemes; needs (K*N) % 16 == 0.
+    Returns:
+        PackedWeights whose experts are all bf16 (``wbf`` = [E, K, N]); holds E*K*N*2 bytes.
+    """
+    if (w.k * w.n) % OFF_UNIT:
+        raise ValueError(f"dequant_bf16: K*N = {w.k * w.n} must be a multiple of {OFF_UNIT}")
+    wbf = torch.ops.mxserve.dequant_bf16(w.qw, w.pw, w.meta, w.wbf, w.einfo, w.n, w.k, w.kinds_mask)
+    info = w.einfo.clone()
+    live = info[:, F_KIND] != KIND_NONE
+    info[:, F_KIND] = torch.where(live, KIND_BF16, KIND_NONE)
+    info[:, F_BITS] = 16
+    info[:, F_WOFF] = torch.arange(info.shape[0], device=info.device) * (w.k * w.n // OFF_UNIT)
+    out = PackedWeights(w.qw, w.pw, w.meta, wbf.reshape(-1), info, w.n, w.k)
+    out._kinds_mask = 1 if w.kinds_mask else 0
+    return out

@@ -32,8 +32,7 @@ def _dot(a, w, acc, IS_FP32: tl.constexpr):
 
 
 @triton.jit
-def _dq(words, s, z, p0, sp0, p1, sp1, psh, J: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr,
-        NP: tl.constexpr):
+def _dq(words, s, z, p0, sp0, p1, sp1, psh, J, KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr):
     """fp32 weights of code slot J: ``q * s + z`` (+ high bit for int3, + signed planes for nested)."""
     q = (words >> (J * BITS)) & ((1 << BITS) - 1)
     if KIND == 3:
@@ -110,11 +109,18 @@ def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, met
         psh = (kr % 32)[:, None]  # bit of row kr in its 1-bit plane word (PER divides 32)
         a_ptrs = x_ptr + x_rows[:, None] * stride_xm + kr[None, :]
         a_mask = row_mask[:, None] & (wr < kw_total)[None, :]
-        for j in tl.static_range(PER):
-            a = tl.load(a_ptrs + j, mask=a_mask, other=0.0)
-            acc = _dot(a, _dq(words, s, z, p0, sp0, p1, sp1, psh, j, KIND, BITS, NP), acc, IS_FP32)
-            if DUAL:
-                acc2 = _dot(a, _dq(words2, s2, z2, q0, tp0, q1, tp1, psh, j, KIND, BITS, NP), acc2, IS_FP32)
+        if PER <= 8:  # 4/8-bit: unrolled code slots
+            for j in tl.static_range(PER):
+                a = tl.load(a_ptrs + j, mask=a_mask, other=0.0)
+                acc = _dot(a, _dq(words, s, z, p0, sp0, p1, sp1, psh, j, KIND, BITS, NP), acc, IS_FP32)
+                if DUAL:
+                    acc2 = _dot(a, _dq(words2, s2, z2, q0, tp0, q1, tp1, psh, j, KIND, BITS, NP), acc2, IS_FP32)
+        else:  # 1/2-bit (16-32 slots): a runtime loop keeps the compiled kernel (and compile time) small
+            for j in range(PER):
+                a = tl.load(a_ptrs + j, mask=a_mask, other=0.0)
+                acc = _dot(a, _dq(words, s, z, p0, sp0, p1, sp1, psh, j, KIND, BITS, NP), acc, IS_FP32)
+                if DUAL:
+                    acc2 = _dot(a, _dq(words2, s2, z2, q0, tp0, q1, tp1, psh, j, KIND, BITS, NP), acc2, IS_FP32)
         words, s, z, p0, sp0, p1, sp1 = nwords, ns, nz, np0, nsp0, np1, nsp1
         words2, s2, z2, q0, tp0, q1, tp1 = nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1
     return acc, acc2
@@ -170,10 +176,10 @@ def grouped_gemm_kernel(x_ptr, out_ptr, qw_ptr, pw_ptr, meta_ptr, wbf_ptr, einfo
         kind = tl.load(info + 0)
         bits = tl.load(info + 1)
         g = tl.maximum(tl.load(info + 2).to(tl.int32), 1)
-        qoff = tl.load(info + 3)
-        poff = tl.load(info + 4)
-        moff = tl.load(info + 5)
-        woff = tl.load(info + 6)
+        qoff = tl.load(info + 3) * 16  # offsets are stored in units of 16 elements (layout.OFF_UNIT): aligned
+        poff = tl.load(info + 4) * 16
+        moff = tl.load(info + 5) * 16
+        woff = tl.load(info + 6) * 16
         npl = tl.load(info + 7)
         DUAL: tl.constexpr = MODE == 1
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -227,3 +233,70 @@ def grouped_gemm_kernel(x_ptr, out_ptr, qw_ptr, pw_ptr, meta_ptr, wbf_ptr, einfo
         out_rows = tl.where(row_mask, rows, 0)
         tl.store(out_ptr + out_rows[:, None] * stride_om + offs_n[None, :], res.to(out_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _dequant_rows(out_ptr, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols, K, r0, offs_n, n_mask,
+                  KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr, ROWS: tl.constexpr):
+    """Store bf16 W^T rows r0 .. r0+ROWS (K-major, row stride wcols) of one integer expert at out_ptr."""
+    PER: tl.constexpr = 32 // BITS
+    BKW: tl.constexpr = ROWS // PER
+    w0 = r0 // PER
+    col = offs_n[None, :]
+    words, s, z, p0, sp0, p1, sp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols, K, w0, col,
+                                               n_mask, KIND, BITS, NP, BKW)
+    wr = w0 + tl.arange(0, BKW)
+    kr = wr * PER
+    psh = (kr % 32)[:, None]
+    m2 = (wr < K // PER)[:, None] & n_mask[None, :]
+    for j in tl.static_range(PER):
+        w = _dq(words, s, z, p0, sp0, p1, sp1, psh, j, KIND, BITS, NP)
+        tl.store(out_ptr + (kr + j)[:, None] * wcols + col, w.to(tl.bfloat16), mask=m2)
+
+
+@triton.jit
+def dequant_kernel(out_ptr, qw_ptr, pw_ptr, meta_ptr, wbf_ptr, einfo_ptr, N, K,
+                   NFIELDS: tl.constexpr, KINDS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (E, cdiv(K, 256), cdiv(N, BLOCK_N)): expert e's W^T rows [256*pid_k, +256) -> bf16 ``out[e, K, N]``
+    (the prefill path: dequantize once, then the bf16 grouped GEMM). Experts with no weights are skipped."""
+    e = tl.program_id(0)
+    r0 = tl.program_id(1) * 256
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    info = einfo_ptr + e * NFIELDS
+    kind = tl.load(info + 0)
+    bits = tl.load(info + 1)
+    g = tl.maximum(tl.load(info + 2).to(tl.int32), 1)
+    qoff = tl.load(info + 3) * 16
+    poff = tl.load(info + 4) * 16
+    moff = tl.load(info + 5) * 16
+    woff = tl.load(info + 6) * 16
+    npl = tl.load(info + 7)
+    out = out_ptr + e.to(tl.int64) * K * N
+    if (KINDS & 8) != 0:
+        if (kind == 2) & (bits == 4):
+            _dequant_rows(out, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, N, K, r0, offs_n, n_mask, 2, 4, 0, 256)
+    if (KINDS & 4) != 0:
+        if (kind == 2) & (bits == 2):
+            _dequant_rows(out, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, N, K, r0, offs_n, n_mask, 2, 2, 0, 256)
+    if (KINDS & 2) != 0:
+        if (kind == 2) & (bits == 1):
+            _dequant_rows(out, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, N, K, r0, offs_n, n_mask, 2, 1, 0, 256)
+    if (KINDS & 16) != 0:
+        if (kind == 2) & (bits == 8):
+            _dequant_rows(out, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, N, K, r0, offs_n, n_mask, 2, 8, 0, 256)
+    if (KINDS & 32) != 0:
+        if kind == 3:
+            _dequant_rows(out, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, N, K, r0, offs_n, n_mask, 3, 2, 1, 256)
+    if (KINDS & 64) != 0:
+        if (kind == 4) & (npl == 1):
+            _dequant_rows(out, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, N, K, r0, offs_n, n_mask, 4, 2, 1, 256)
+    if (KINDS & 128) != 0:
+        if (kind == 4) & (npl == 2):
+            _dequant_rows(out, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, N, K, r0, offs_n, n_mask, 4, 2, 2, 256)
+    if (KINDS & 1) != 0:
+        if kind == 1:
+            rows = r0 + tl.arange(0, 256)
+            m2 = (rows < K)[:, None] & n_mask[None, :]
+            src = tl.load(wbf_ptr + woff + rows[:, None] * N + offs_n[None, :], mask=m2, other=0.0)
+            tl.store(out + rows[:, None] * N + offs_n[None, :], src, mask=m2)

@@ -105,3 +105,17 @@ def test_moe_align_triton_equals_torch_gpu(t, k, e, block_m):
     b = moe_align(ids, e, block_m, use_triton=False)
     assert torch.equal(a.num_post, b.num_post) and torch.equal(a.block_expert, b.block_expert)
     assert torch.equal(a.sorted_ids, b.sorted_ids)
+
+
+def test_dequant_bf16_prefill_path_bit_exact_gpu():
+    """The prefill path's dequant kernel equals the canonical oracle rounded to bf16, for every kind at once."""
+    from mxserve_kernels._common.layout import dequant_expert
+    from mxserve_kernels.moe.grouped_gemm import dequant_bf16
+    h, i = 1024, 1408
+    gu, dn = _experts(MIX, len(MIX), h, i, seed=5)
+    w = prepare_experts(gu, dn, hidden=h, inter=i)
+    for proj, canon, kdim in ((w.w13, gu, h), (w.w2, dn, i)):
+        d = dequant_bf16(proj)
+        for e, (s, t) in enumerate(canon):
+            want = qref.dequantize(s, t, kdim).to(torch.bfloat16).float()
+            torch.testing.assert_close(dequant_expert(d, e), want, **BIT_EXACT)
