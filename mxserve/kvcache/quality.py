@@ -99,17 +99,18 @@ def bf16_mode() -> KVMode:
 
 
 def int4_mode(head_dim: int, seed: int = 0) -> KVMode:
-    g = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (head_dim,), generator=g).float() * 2 - 1
-    rot = signs.unsqueeze(1) * hadamard(head_dim)  # x @ rot = H (D1 x): orthonormal
+    rot = rht(head_dim, seed)
     def qdq(_layer, k, v):
         r = rot.to(k.device)
         return int4_per_token_head(k, r), int4_per_token_head(v, r)
     return KVMode("int4_per_token_head", qdq, exact_current=False)
 
 
-def mx_mode(name: str, kvc, head_dim: int, sink: int, window: int) -> KVMode:
-    """Our packed format with the calibrated per-layer config ``kvc`` (KVQuantConfig)."""
+def mx_mode(name: str, kvc, head_dim: int, sink: int, window: int, rot: torch.Tensor | None = None) -> KVMode:
+    """Our packed format with the calibrated per-layer config ``kvc`` (KVQuantConfig).
+
+    ``rot`` [D, D] orthonormal (experiment, not in the runtime format): K and V are rotated before quantization and
+    rotated back after (equivalently q and the output would be rotated in the kernel)."""
     def perm(p):
         return torch.tensor(p, dtype=torch.int32) if p is not None else None
 
@@ -117,12 +118,29 @@ def mx_mode(name: str, kvc, head_dim: int, sink: int, window: int) -> KVMode:
 
     def qdq(layer, k, v):
         lc, fmt, kp, vp = layers[layer]
+        if rot is not None:
+            k, v = k.float() @ rot, v.float() @ rot
         b, h, n, d = k.shape
         kt = k.transpose(1, 2).reshape(b * n, h, d)
         vt = v.transpose(1, 2).reshape(b * n, h, d)
         kd, vd = R.dequantize_slots(R.quantize_slots(kt, vt, fmt, kp, vp, lc.k_clip, lc.v_clip), fmt, kp, vp)
-        return (kd.reshape(b, n, h, d).transpose(1, 2), vd.reshape(b, n, h, d).transpose(1, 2))
+        kd, vd = kd.reshape(b, n, h, d).transpose(1, 2), vd.reshape(b, n, h, d).transpose(1, 2)
+        if rot is not None:
+            kd, vd = kd @ rot.T, vd @ rot.T
+        return kd, vd
     return KVMode(name, qdq, sink=sink, window=window)
+
+
+def rht(head_dim: int, seed: int = 0) -> torch.Tensor:
+    """Randomized Hadamard rotation [D, D] (random signs then Hadamard; orthonormal): x @ rht = H (D1 x)."""
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (head_dim,), generator=g).float() * 2 - 1
+    return signs.unsqueeze(1) * hadamard(head_dim)
+
+
+def rotate_capture(per_layer, rot: torch.Tensor):
+    """Captured (q, k, v, scale) with q, k, v rotated by ``rot`` (scores unchanged, outputs rotated)."""
+    return [[(q @ rot, k @ rot, v @ rot, sc) for q, k, v, sc in layer] for layer in per_layer]
 
 
 def run_mode(model, ids: torch.Tensor, mode: KVMode) -> torch.Tensor:
@@ -203,7 +221,7 @@ def retrieval(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> di
 
 
 def evaluate(model_dir: str, *, seq_len: int, num_seqs: int, labels: tuple[str, ...], calib_seqs: int = 4,
-             zone_sink: int = 4, device: str = "cpu") -> dict:
+             zone_sink: int = 4, device: str = "cpu", rotate: bool = False) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mxserve.kvcache.bits import model_bits
@@ -230,6 +248,11 @@ def evaluate(model_dir: str, *, seq_len: int, num_seqs: int, labels: tuple[str, 
         bits[f"{lab} +zones(s{zone_sink},w{window})"] = model_bits(
             type(kvc)(layers=kvc.layers, sink_tokens=zone_sink, window_tokens=window, meta=kvc.meta), head_dim,
             seq_len)
+        if rotate:  # experiment: RHT instead of the channel order (calibrated on rotated q/k/v)
+            rot = rht(head_dim, seed=1)
+            kvr = calibrate_model(rotate_capture(per_layer, rot), label=lab, sink=0, window=0, reorder=False)
+            modes.append(mx_mode(f"{lab}+RHT past-only", kvr, head_dim, 0, 0, rot))
+            bits[f"{lab}+RHT past-only"] = model_bits(kvr, head_dim)
     ref = run_mode(model, ev, bf16_mode())
     ref_probe = run_mode(model, probe_ids, bf16_mode())
     out = {"model": str(d), "seq_len": seq_len, "num_seqs": num_seqs, "head_dim": head_dim,
@@ -251,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-seqs", type=int, default=16)
     ap.add_argument("--labels", default="K2V1.5,K4V2,K4V4")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rotate", action="store_true", help="also score each label with an RHT instead of the reorder")
     a = ap.parse_args(argv)
     seq = a.seq_len
     if seq is None:
@@ -258,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         seq = int(json.loads(log.read_text()).get("seq", 128)) if log.exists() else 128
     torch.manual_seed(0)
     res = evaluate(a.model, seq_len=seq, num_seqs=a.num_seqs, labels=tuple(x for x in a.labels.split(",") if x),
-                   device=a.device)
+                   device=a.device, rotate=a.rotate)
     for name, r in res["modes"].items():
         rt = r["retrieval"]
         print(f"{name:34s} bits {r['bits']:7.4f}  KLD {r['kld']:.5f}  top1 {r['top1_agree']:.3f}  ppl {r['ppl']:8.3f}"
