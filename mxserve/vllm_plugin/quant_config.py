@@ -115,6 +115,8 @@ class MxMoEQuantConfig(QuantizationConfig):
 
         if model_name and os.path.isdir(model_name):
             check_checkpoint(self.cfg, model_name, hf_config)
+        if self.kv_cfg is not None and hf_config is not None:
+            self.kv_cfg.validate_model(*kv_geometry(hf_config))
 
     # ---- scheme lookup --------------------------------------------------------------------------------------------
     def shard_names(self, prefix: str) -> list[str]:
@@ -180,6 +182,14 @@ class MxMoEQuantConfig(QuantizationConfig):
 def register() -> None:
     """Called by ``mxserve.vllm_plugin.register()``; importing this module already registered ``mxmoe``."""
     return None
+
+
+def kv_geometry(hf_config) -> tuple[int, int, int]:
+    """(decoder layers, kv heads, head_dim) of an HF config (object or dict) for ``KVQuantConfig.validate_model``."""
+    get = (lambda k: hf_config.get(k)) if isinstance(hf_config, dict) else (lambda k: getattr(hf_config, k, None))
+    heads = get("num_attention_heads")
+    head_dim = get("head_dim") or get("hidden_size") // heads
+    return int(get("num_hidden_layers")), int(get("num_key_value_heads") or heads), int(head_dim)
 
 
 def plan_summary(cfg: MxMoEConfig) -> dict[str, Any]:

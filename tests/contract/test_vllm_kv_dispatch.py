@@ -83,3 +83,18 @@ def test_bad_kv_fails_at_parse_time(vllm_cpu, mutate, match):
     mutate(kv)
     with pytest.raises(KVConfigError, match=match):
         MxMoEQuantConfig.from_config({"quant_method": "mxmoe", "version": 1, "kv": kv})
+
+
+def test_kv_checked_against_the_model_before_loading(vllm_cpu):
+    from mxserve.models.tiny import build_config, tiny_config_kwargs
+    from mxserve.vllm_plugin.quant_config import MxMoEQuantConfig, kv_geometry
+    hf = build_config("qwen3_moe", tiny_config_kwargs("qwen3_moe", layers=2, experts=4, top_k=2, hidden=256,
+                                                       inter=128, vocab=512, heads=4, kv_heads=2, head_dim=HEAD_DIM))
+    assert kv_geometry(hf) == (2, 2, HEAD_DIM) and kv_geometry(hf.to_dict()) == (2, 2, HEAD_DIM)
+    MxMoEQuantConfig.from_config({"quant_method": "mxmoe", "version": 1, "kv": _kv_dict()}).maybe_update_config(
+        "", hf)
+    three = _kv_dict()
+    three["layers"].append(dict(three["layers"][0]))
+    cfg = MxMoEQuantConfig.from_config({"quant_method": "mxmoe", "version": 1, "kv": three})
+    with pytest.raises(KVConfigError, match="3 entries, model has 2"):
+        cfg.maybe_update_config("", hf)
