@@ -114,9 +114,24 @@ def write_mixed(src: str, dst: str, expert_schemes: list[str]) -> dict:
     return plan
 
 
+def int1_supported_isolated() -> tuple[bool, str]:
+    """``int1_supported()`` in a fresh process: a kernel fault there cannot poison this process's CUDA context."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = ("import json; from tests.integration.test_vllm_archs import int1_supported; "
+            "print('INT1=' + json.dumps(int1_supported()))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    line = next((l for l in r.stdout.splitlines() if l.startswith("INT1=")), None)
+    if line is None:
+        return False, f"probe process failed rc={r.returncode}: {r.stderr[-300:]}"
+    ok, why = json.loads(line[5:])
+    return bool(ok), why
+
+
 @pytest.fixture(scope="module")
 def expert_schemes():
-    ok, why = int1_supported()
+    ok, why = int1_supported_isolated()
     _result("int1_g128_asym", {"served": ok, "probe": why})
     return EXPERT_SCHEMES + ([INT1] if ok else [])
 
