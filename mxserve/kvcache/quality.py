@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     seq = a.seq_len
     if seq is None:
         log = pathlib.Path(a.model) / "train_log.json"
-        seq = int(json.loads(log.read_text()).get("seq", 128)) if log.exists() else 128
+        seq = int(json.loads(log.read_text()).get("geometry", {}).get("seq", 128)) if log.exists() else 128
     torch.manual_seed(0)
     res = evaluate(a.model, seq_len=seq, num_seqs=a.num_seqs, labels=tuple(x for x in a.labels.split(",") if x),
                    device=a.device, rotate=a.rotate)
