@@ -118,15 +118,16 @@ def mx_mode(name: str, kvc, head_dim: int, sink: int, window: int, rot: torch.Te
 
     def qdq(layer, k, v):
         lc, fmt, kp, vp = layers[layer]
-        if rot is not None:
-            k, v = k.float() @ rot, v.float() @ rot
+        r = rot.to(k.device) if rot is not None else None
+        if r is not None:
+            k, v = k.float() @ r, v.float() @ r
         b, h, n, d = k.shape
         kt = k.transpose(1, 2).reshape(b * n, h, d)
         vt = v.transpose(1, 2).reshape(b * n, h, d)
         kd, vd = R.dequantize_slots(R.quantize_slots(kt, vt, fmt, kp, vp, lc.k_clip, lc.v_clip), fmt, kp, vp)
         kd, vd = kd.reshape(b, n, h, d).transpose(1, 2), vd.reshape(b, n, h, d).transpose(1, 2)
-        if rot is not None:
-            kd, vd = kd @ rot.T, vd @ rot.T
+        if r is not None:
+            kd, vd = kd @ r.T, vd @ r.T
         return kd, vd
     return KVMode(name, qdq, sink=sink, window=window)
 
