@@ -29,9 +29,10 @@ QUICK_TOKENS = (1, 16, 64, 256, 1024, 8192)
 def candidates(rows_per_expert: float, quick: bool):
     """Launch configs to try for a regime (BLOCK_K = K extent of one tl.dot: code words per step for integers)."""
     if rows_per_expert <= 4:  # decode: bytes in flight per program matter (BLOCK_K words, BLOCK_N)
-        space = dict(bm=[16], bn=[32, 64], bk=[32, 64] if quick else [16, 32, 64], nw=[4], ns=[3] if quick else [2, 3])
+        space = dict(bm=[16], bn=[16, 32] if quick else [16, 32, 64], bk=[16, 32, 64], nw=[4],
+                     ns=[3] if quick else [2, 3, 4])
     elif rows_per_expert <= 64:
-        space = dict(bm=[16, 32], bn=[64] if quick else [32, 64, 128], bk=[32] if quick else [16, 32, 64], nw=[4],
+        space = dict(bm=[16, 32], bn=[32, 64] if quick else [32, 64, 128], bk=[16] if quick else [16, 32], nw=[4],
                      ns=[3] if quick else [2, 3])
     else:  # prefill: big tiles for tl.dot throughput
         space = dict(bm=[64, 128], bn=[128] if quick else [64, 128], bk=[16, 32], nw=[8],
