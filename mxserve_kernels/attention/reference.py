@@ -162,10 +162,10 @@ def store_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping
 
 def gather_pages(cache: torch.Tensor, block_table_row: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """Slots of positions [0, n_tokens) of one request: [n_tokens, H, slot_bytes]."""
-    npg, p, h, sb = cache.shape
+    p = cache.shape[1]
     pos = torch.arange(n_tokens, device=cache.device)
-    idx = block_table_row.long()[pos // p] * p + pos % p
-    return cache.view(npg * p, h, sb)[idx]
+    # two index tensors, no view: works on the strided prefix view of a shared (larger) slot without copying
+    return cache[block_table_row.long().to(cache.device)[pos // p], pos % p]
 
 
 # ---- attention --------------------------------------------------------------------------------------------------
