@@ -26,8 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--cost-weight", type=float, default=0.0, help="r: trade accuracy for kernel time (0..1)")
     p.add_argument("--candidates", help="comma list of scheme names the allocator may pick (default: see docs)")
     p.add_argument("--clip-search", action="store_true", help="per-group clip-ratio search")
-    p.add_argument("--sens-norm", choices=["layer", "none"], default="layer",
-                   help="allocator sensitivity: relative to each layer's residual energy (default) or raw")
+    p.add_argument("--sens-norm", choices=["layer", "none", "sqrt"], default="layer",
+                   help="allocator sensitivity: squared output error relative to each layer's residual energy "
+                        "(default), raw squared, or sqrt (plain norm, MxMoE's exact metric)")
     p.add_argument("--per-layer-budget", action="store_true",
                    help="every layer meets --bits on its own (MxMoE per-layer solve) instead of the model average")
     p.add_argument("--seq-len", type=int, default=512)

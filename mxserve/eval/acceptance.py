@@ -5,7 +5,7 @@
 DIR is ``mxserve demo-model --out DIR`` (checkpoint + calib.txt + eval.txt). Writes one JSON object with, per
 budget, the true average bits and {ppl, kld, top1} of the uniform checkpoint (the issue's baseline: int2_g128_asym
 at 2.25, int3_g128_asym at 3.25, GPTQ) and of the mixed plan for each ``--variants`` entry (default: layer, none,
-perlayer), and their KLD ratios; prints one ``RATIO`` line per ratio.
+perlayer, mxmoe), and their KLD ratios; prints one ``RATIO`` line per ratio.
 """
 from __future__ import annotations
 
@@ -33,11 +33,12 @@ def _quantize_and_compare(demo_p: pathlib.Path, dst: pathlib.Path, b: float, dev
 # mixed-plan variants: name -> quantize_checkpoint kwargs
 VARIANTS = {"layer": dict(sens_norm="layer"),                            # cross-layer, layer-normalised (default)
             "none": dict(sens_norm="none"),                              # cross-layer, raw squared norms
-            "perlayer": dict(sens_norm="none", per_layer_budget=True)}   # MxMoE's per-layer solve
+            "perlayer": dict(sens_norm="none", per_layer_budget=True),  # per-layer budget, squared norms
+            "mxmoe": dict(sens_norm="sqrt", per_layer_budget=True)}     # MxMoE: plain norms, per-layer solve
 
 
 def measure(demo: str, bits: list[float], device: str | None, method: str = "gptq", samples: int = 128,
-            seq_len: int = 256, variants: tuple[str, ...] = ("layer", "none", "perlayer"),
+            seq_len: int = 256, variants: tuple[str, ...] = ("layer", "none", "perlayer", "mxmoe"),
             candidates: list[str] | None = None) -> dict:
     """Quantize ``demo`` uniformly and mixed at each budget and compare both with the bf16 model.
 
@@ -82,9 +83,11 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=float, nargs="+", default=[2.25, 3.25])
     ap.add_argument("--method", default="gptq")
     ap.add_argument("--device")
-    ap.add_argument("--variants", choices=sorted(VARIANTS), nargs="+", default=["layer", "none", "perlayer"],
+    ap.add_argument("--variants", choices=sorted(VARIANTS), nargs="+",
+                    default=["layer", "none", "perlayer", "mxmoe"],
                     help="mixed-plan variants (layer: cross-layer with layer-normalised sensitivity; none: raw; "
-                         "perlayer: MxMoE per-layer budget); the first is the headline 'mixed' row")
+                         "perlayer: per-layer budget; mxmoe: per-layer budget with plain norms); the first is the headline "
+                         "'mixed' row")
     ap.add_argument("--candidates", help="comma list of scheme names (default: quantize's default candidates)")
     ap.add_argument("--json", help="write the result here too")
     a = ap.parse_args(argv)

@@ -54,15 +54,18 @@ def uniform_baseline(cands: list[WeightScheme], bits: float, group_size: int) ->
     return uniform_scheme(plain or cands, bits)
 
 
-SENS_NORMS = ("layer", "none")
+SENS_NORMS = ("layer", "none", "sqrt")
 
 
 def normalise_sensitivity(sens: dict, layer_energy: dict[int, float], norm: str) -> dict:
     """``norm="layer"``: divide each layer's block errors by the energy of that layer's output residual stream
     over the calibration tokens (the next RMSNorm sees the relative perturbation, so a deep layer whose residual
-    norm has grown does not dominate the objective by scale alone). ``"none"``: raw squared norms."""
+    norm has grown does not dominate the objective by scale alone). ``"none"``: raw squared norms. ``"sqrt"``:
+    plain Frobenius norms, MxMoE's exact ``layer_out_norm`` (sub-additive: favours spreading error evenly less)."""
     if norm == "none":
         return sens
+    if norm == "sqrt":
+        return {b: {n: v ** 0.5 for n, v in d.items()} for b, d in sens.items()}
     return {b: {n: v / max(layer_energy[b[0]], 1e-30) for n, v in d.items()} for b, d in sens.items()}
 
 

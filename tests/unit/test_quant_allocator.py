@@ -97,3 +97,4 @@ def test_layer_normalisation_divides_by_layer_energy():
     out = normalise_sensitivity(sens, {0: 2.0, 1: 8.0}, "layer")
     assert out[(0, 0, "down")]["a"] == 2.0 and out[(1, 0, "down")]["a"] == 0.5
     assert normalise_sensitivity(sens, {0: 2.0, 1: 8.0}, "none") is sens
+    assert normalise_sensitivity(sens, {0: 2.0, 1: 8.0}, "sqrt")[(1, 0, "down")]["a"] == 2.0
