@@ -86,8 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", choices=sorted(VARIANTS), nargs="+",
                     default=["layer", "none", "perlayer", "mxmoe"],
                     help="mixed-plan variants (layer: cross-layer with layer-normalised sensitivity; none: raw; "
-                         "perlayer: per-layer budget; mxmoe: per-layer budget with plain norms); the first is the headline "
-                         "'mixed' row")
+                         "perlayer: per-layer budget; mxmoe: per-layer budget with plain norms); the first is "
+                         "the headline 'mixed' row")
     ap.add_argument("--candidates", help="comma list of scheme names (default: quantize's default candidates)")
     ap.add_argument("--json", help="write the result here too")
     a = ap.parse_args(argv)
