@@ -68,3 +68,23 @@ def test_layer_outside_plan_is_one_clear_error(vllm_cpu):
     qcfg = MxMoEQuantConfig.from_config(_kv_plan(2, 128))
     with pytest.raises(ValueError, match="no entry for layer 5"):
         _attention(vllm_cpu, qcfg, 5)
+
+
+def test_builder_splits_decodes_and_keeps_prefill_lengths(vllm_cpu):
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from mxserve.vllm_plugin.kv.backend import MxKVMetadataBuilder, MxKVSpec
+    spec = MxKVSpec(block_size=16, num_kv_heads=2, head_size=70, dtype=torch.uint8, slot_bytes=70)
+    b = MxKVMetadataBuilder(spec, ["l0"], vllm_cpu, torch.device("cpu"))
+    assert b.reorder_batch_threshold == 1
+    # 2 decodes (1 token each) then a 5-token prefill continuing 3 cached tokens
+    qsl = torch.tensor([0, 1, 2, 7], dtype=torch.int32)
+    seq = torch.tensor([9, 4, 8], dtype=torch.int32)
+    for upper in (seq.clone(), None):  # the V2 runner may leave seq_lens_cpu_upper_bound unset
+        cam = CommonAttentionMetadata(query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq, num_reqs=3,
+                                      num_actual_tokens=7, max_query_len=5, max_seq_len=9,
+                                      block_table_tensor=torch.zeros(3, 4, dtype=torch.int32),
+                                      slot_mapping=torch.arange(7), seq_lens_cpu_upper_bound=upper)
+        md = b.build(0, cam)
+        assert (md.num_decodes, md.num_decode_tokens, md.num_actual_tokens) == (2, 2, 7)
+        assert md.seq_lens_cpu.tolist() == [9, 4, 8]
