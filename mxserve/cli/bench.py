@@ -55,7 +55,7 @@ def add_parser(subparsers) -> None:
     e.add_argument("--runner", choices=("engine", "vllm-bench"), default="engine",
                    help="engine: one vLLM engine per variant (fast); vllm-bench: vllm bench throughput/latency")
     e.add_argument("--engine-json", default="{}", help="extra vllm.LLM kwargs for the engine runner (JSON object)")
-    e.add_argument("--variant-timeout", type=float, default=420.0, help="seconds per variant (engine runner)")
+    e.add_argument("--variant-timeout", type=float, default=240.0, help="seconds per variant (engine runner)")
     e.add_argument("--dry-run", action="store_true", help="write the model directories and print the commands")
     e.set_defaults(func=run)
     p.set_defaults(func=lambda a: p.print_help() or 2)
