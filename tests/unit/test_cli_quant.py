@@ -74,7 +74,7 @@ def test_nested_writes_planes_in_their_own_shards(tiny, capsys):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--bits", "2.0"], "below the cheapest scheme"),
+    (["--bits", "1.0"], "below the cheapest scheme int1_g128_asym"),  # int1 asym g128 = 1.25 bits
     (["--bits", "3", "--group-size", "128", "--candidates", "int4_g128_asym,int2_g256_asym"], "group_size must be one of"),
 ])
 def test_bad_input_is_one_clear_error_and_writes_nothing(tiny, capsys, args, msg):
