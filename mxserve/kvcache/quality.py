@@ -88,8 +88,24 @@ def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kq: torch
 class KVMode:
     """One cache treatment: ``qdq(layer, k, v)`` ([B, H, N, D] each) and which keys stay exact."""
 
-    def __init__(self, name: str, qdq: QDQ, sink: int = 0, window: int = 0, exact_current: bool = True) -> None:
+    def __init__(self, name: str, qdq: QDQ, sink: int = 0, window: int = 0, exact_current: bool = True,
+                 mask_fn: Callable[[int], torch.Tensor] | None = None) -> None:
         self.name, self.qdq, self.sink, self.window, self.exact_current = name, qdq, sink, window, exact_current
+        self.mask_fn = mask_fn  # N -> [N, N] bool exact-key mask, overriding the zones (e.g. vllm_mask)
+
+    def mask(self, n: int) -> torch.Tensor:
+        return self.mask_fn(n) if self.mask_fn is not None else fp_mask(n, self.sink, self.window,
+                                                                        self.exact_current)
+
+
+def vllm_mask(prompt_len: int) -> Callable[[int], torch.Tensor]:
+    """What the vLLM backend computes for one request prefilled in one chunk, then decoded: prompt tokens see each
+    other exactly (prefill attends the raw K/V), every decode query sees all earlier tokens packed and itself exact."""
+    def fn(n: int) -> torch.Tensor:
+        m = fp_mask(n, 0, 0, True)
+        m[:prompt_len, :prompt_len] = True
+        return m
+    return fn
 
 
 def bf16_mode() -> KVMode:
@@ -151,7 +167,7 @@ def run_mode(model, ids: torch.Tensor, mode: KVMode) -> torch.Tensor:
     def attn(module, query, key, value, attention_mask, scaling=None, **kw):
         n = query.shape[2]
         kq, vq = mode.qdq(module.layer_idx, key, value)
-        fp = fp_mask(n, mode.sink, mode.window, mode.exact_current).to(query.device)
+        fp = mode.mask(n).to(query.device)
         sc = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
         out = mixed_attention(query, key, value, kq, vq, fp, sc)
         return out.transpose(1, 2).contiguous().to(query.dtype), None
@@ -232,8 +248,12 @@ def evaluate(model_dir: str, *, seq_len: int, num_seqs: int, labels: tuple[str, 
     model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).to(device).eval()
     head_dim = model.config.head_dim
     calib_text = (d / "calib.txt").read_text() if (d / "calib.txt").exists() else None
-    eval_text = (d / "eval.txt").read_text()
-    if calib_text is None:  # disjoint halves of eval.txt
+    if (d / "eval.txt").exists():
+        eval_text = (d / "eval.txt").read_text()
+    else:  # checkpoints without the demo's text files: the local corpus's held-out part
+        from mxserve.models.corpus import read_corpus
+        eval_text = read_corpus(max_bytes=1 << 21)[1]
+    if calib_text is None:  # disjoint halves
         calib_text, eval_text = eval_text[: len(eval_text) // 2], eval_text[len(eval_text) // 2:]
     ev = windows(tok, eval_text, num_seqs, seq_len)
     probe_ids, probe_mask = planted_key_batch(tok, eval_text[len(eval_text) // 2:], num_seqs, seq_len)
@@ -269,7 +289,8 @@ def evaluate(model_dir: str, *, seq_len: int, num_seqs: int, labels: tuple[str, 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="HF checkpoint dir (eval.txt, optionally calib.txt)")
+    ap.add_argument("--model", required=True, help="HF checkpoint dir (eval.txt / calib.txt if present, else the "
+                    "local corpus's held-out text)")
     ap.add_argument("--json", help="write the results here (atomically)")
     ap.add_argument("--seq-len", type=int, help="context length (default: the demo model's trained length)")
     ap.add_argument("--num-seqs", type=int, default=16)

@@ -7,8 +7,11 @@ the other (vLLM's memory profiling fails when another server grows during it), d
   2. ours (V1 model runner, the default for MoE models): KV capacity >= CAPACITY_MIN x bf16's (the issue's target;
      the real page is P * H * 70 B vs P * H * 512 B), prompt logprobs == bf16's (prefill without context is full
      precision: KLD <= KLD_W8_MAX), greedy decode of 8 concurrent prompts (uniform decode batches replay the FULL
-     CUDA graph over packed pages): well-formed output, finite logprobs, and along the stretch where our tokens equal
-     G (same context) our chosen-token logprobs within DECODE_LOGPROB_DELTA_MAX of bf16's.
+     CUDA graph over packed pages), then 100-token prompts twice (the 2nd hits the prefix cache: continuation
+     prefill over dequantized pages): well-formed output, finite logprobs, and along the stretch where our tokens equal
+     G (same context) our chosen-token logprobs within DECODE_LOGPROB_DELTA_MAX of bf16's; and our decode logprobs
+     are closer to the torch reference of the same packed cache (``mxserve.kvcache.quality``, HF fp32, prompt
+     prefilled exactly, past-only decode) than to the unquantized model: vLLM really runs the packed semantics.
   3. ours under the V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1, dense models' default): starts, sizes the cache
      from the packed page, greedy output well-formed.
 Run: ``pytest -m gpu tests/integration/test_kv_vllm.py`` (MXSERVE_TEST_JSON=path dumps the numbers,
@@ -31,7 +34,10 @@ from tests.tolerances import KLD_W8_MAX
 pytestmark = pytest.mark.gpu
 
 CAPACITY_MIN = 7.0               # issue 6 acceptance: K2V1.5 capacity >= 7x --kv-cache-dtype auto
-DECODE_LOGPROB_DELTA_MAX = 0.25  # mean |logprob(ours) - logprob(bf16)| of the chosen token, same context
+# mean |logprob(ours) - logprob(bf16)| of the chosen token, same context: the torch reference of this checkpoint's
+# K2V1.5 past-only cache gives 0.24 (random weights: near-uniform attention, so 2-bit noise moves the logits a lot);
+# this bound only catches a broken decode, test_decode_tracks_quantized_reference checks the semantics
+DECODE_LOGPROB_DELTA_MAX = 1.0
 GEN_TOKENS, N_PROMPTS = 32, 8
 SERVER_ARGS = ["--max-model-len", "1024", "--gpu-memory-utilization", "0.1", "--max-num-seqs", "16",
                "--max-logprobs", "-1", "--seed", "0"]
@@ -130,10 +136,12 @@ def bf16_run(ckpts, prompt_ids, logs):
 def kv_run(ckpts, prompt_ids, logs, bf16_run):
     from mxserve.vllm_plugin.server import VllmServer
     with VllmServer(ckpts["kv"], ["-q", "mxmoe", *SERVER_ARGS], log_dir=logs, label="kv-k2v1.5") as srv:
-        prompt_lp = [_prompt_logprobs(srv, ids) for ids in prompt_ids]   # first sight: full-precision prefill
-        gens = _greedy(srv, prompt_ids)          # prefix-cache hits -> continuation over packed pages, then decode
+        gens = _greedy(srv, prompt_ids)          # nothing cached yet: one exact prefill, then packed decode
+        prompt_lp = [_prompt_logprobs(srv, ids) for ids in prompt_ids]   # prompt_logprobs never read the cache
+        long = [(ids * 8)[:100] for ids in prompt_ids]
+        cont = [_greedy(srv, long), _greedy(srv, long)]  # 2nd: prefix-cache hits -> continuation over packed pages
         text = srv.log_text()
-    return {"capacity": kv_capacity(text), "gens": gens, "prompt_lp": prompt_lp}
+    return {"capacity": kv_capacity(text), "gens": gens, "prompt_lp": prompt_lp, "cont": cont}
 
 
 def test_capacity_vs_bf16(bf16_run, kv_run):
@@ -157,6 +165,8 @@ def test_prefill_matches_bf16(bf16_run, kv_run):
 def test_greedy_decode_well_formed_and_close(bf16_run, kv_run):
     _well_formed(bf16_run["gens"])
     _well_formed(kv_run["gens"])
+    for gens in kv_run["cont"]:
+        _well_formed(gens)
     deltas, agree = [], 0
     for (ref_ids, _), along, (ids, lps) in zip(bf16_run["gens"], bf16_run["along"], kv_run["gens"]):
         for t, (tok, lp) in enumerate(zip(ids, lps)):
@@ -185,3 +195,30 @@ def test_v2_model_runner(ckpts, prompt_ids, logs, kv_run):
     _well_formed(gens)
     # the V2 runner profiles memory on its own, so only require that it sized the cache from the packed page
     assert cap > 2 * kv_run["capacity"] / CAPACITY_MIN, f"V2 runner capacity {cap:,} vs V1's {kv_run['capacity']:,}"
+
+
+def test_decode_tracks_quantized_reference(ckpts, prompt_ids, kv_run):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mxserve.kvcache import quality as Q
+    from mxserve.kvcache.config import KVQuantConfig
+    kvc = KVQuantConfig.from_dict(json.loads(open(os.path.join(ckpts["kv"], "config.json")).read())
+                                  ["quantization_config"]["kv"])
+    model = AutoModelForCausalLM.from_pretrained(ckpts["bf16"], dtype=torch.float32).cuda().eval()
+    d = model.config.head_dim
+    d_ref, d_bf16 = [], []
+    for ids, (gen, lps) in zip(prompt_ids, kv_run["gens"]):
+        seq = torch.tensor([ids + gen[:-1]])
+        packed = Q.mx_mode("K2V1.5", kvc, d, 0, 0)
+        packed.mask_fn = Q.vllm_mask(len(ids))
+        for store, mode in ((d_ref, packed), (d_bf16, Q.bf16_mode())):
+            lp = torch.log_softmax(Q.run_mode(model, seq, mode)[0, len(ids) - 1:], -1)
+            ref = lp.gather(-1, torch.tensor(gen)[:, None])[:, 0]
+            store.extend((ref[1:] - torch.tensor(lps[1:])).abs().tolist())  # decode steps only (t >= 1)
+    mean_ref, mean_bf16 = sum(d_ref) / len(d_ref), sum(d_bf16) / len(d_bf16)
+    _result("kv_decode_vs_torch_reference", {"mean_abs_delta_vs_packed_ref": mean_ref,
+                                             "mean_abs_delta_vs_unquantized": mean_bf16, "positions": len(d_ref)})
+    assert mean_ref < 0.5 * mean_bf16, (
+        f"vLLM K2V1.5 decode logprobs: mean |delta| {mean_ref:.3f} vs the packed-cache torch reference, "
+        f"{mean_bf16:.3f} vs the unquantized model (expected much closer to the packed reference)")

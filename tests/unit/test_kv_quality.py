@@ -57,3 +57,10 @@ def test_mixed_attention_past_only_reads_dequantized_past():
     for h in range(2):
         p = torch.softmax(q[0, h, i] @ kk.T * 0.5, -1)
         torch.testing.assert_close(out[0, h, i], p @ vv, **ATTENTION[torch.float32])
+
+
+def test_vllm_mask_prefill_block_exact_then_past_only():
+    m = Q.vllm_mask(3)(5)
+    assert m[:3, :3].all()
+    assert m[3].tolist() == [False, False, False, True, False]
+    assert m[4].tolist() == [False, False, False, False, True]
