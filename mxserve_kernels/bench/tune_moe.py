@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default=None, help=f"default {TOKENS}; --quick: {QUICK_TOKENS}")
     ap.add_argument("--quick", action="store_true", help="smaller search space")
     ap.add_argument("--no-cost", action="store_true", help="skip the cost table")
+    ap.add_argument("--archive", help="also write a .tar of moe/configs here (e.g. $OUT/configs.tar: the config "
+                                      "file names contain '=' and ',', which some file transports refuse)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_moe: needs a CUDA GPU", file=sys.stderr)
@@ -121,6 +123,15 @@ def main(argv=None) -> int:
         tune_shape(model, [int(t) for t in tokens.split(",")], args.quick)
     if not args.no_cost:
         cost_table()
+    if args.archive:
+        import tarfile
+        tmp = f"{args.archive}.tmp{os.getpid()}"
+        with tarfile.open(tmp, "w") as tar:
+            for name in sorted(os.listdir(configs.CONFIG_DIR)):
+                if name.endswith(".json"):
+                    tar.add(os.path.join(configs.CONFIG_DIR, name), arcname=name)
+        os.replace(tmp, args.archive)
+        print(f"configs archived to {args.archive}")
     return 0
 
 

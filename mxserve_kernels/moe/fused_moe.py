@@ -9,12 +9,16 @@ from mxserve_kernels._common.layout import OFF_UNIT
 from mxserve_kernels.moe.grouped_gemm import MODE_DOWN, MODE_GATE_UP, dequant_bf16, grouped_gemm, triton_usable
 
 # prefill: at >= this many rows per expert (T*K/E), integer experts are dequantized to bf16 once per forward and the
-# GEMMs run on bf16 weights (tensor-core bound regime: the dequant's extra bytes are cheaper than in-loop dequant)
-PREFILL_DEQUANT_ROWS = 256
+# GEMMs run on bf16 weights (tensor-core bound regime: the dequant's extra bytes are cheaper than in-loop dequant).
+# H200, Qwen3-30B-A3B W4: in-loop 529 us at 16 rows/expert (T=256) and 1728 us at 64 (T=1024); the dequant costs
+# ~470 us for the whole layer, bf16 GEMMs 2100 us at T=8192 -> crossover between 16 and 64 rows.
+PREFILL_DEQUANT_ROWS = 48
 
 
-def _prefill_weights(pw, rows_per_expert: float, enabled: bool):
-    if enabled and rows_per_expert >= PREFILL_DEQUANT_ROWS and pw.kinds_mask & ~1 and (pw.k * pw.n) % OFF_UNIT == 0:
+def _prefill_weights(pw, rows_per_expert: float, x: torch.Tensor, enabled: bool):
+    """bf16-dequantized projection for the prefill regime (16-bit activations only: fp32 keeps fp32 weights)."""
+    if (enabled and rows_per_expert >= PREFILL_DEQUANT_ROWS and x.dtype != torch.float32 and pw.kinds_mask & ~1
+            and (pw.k * pw.n) % OFF_UNIT == 0):
         return dequant_bf16(pw)
     return pw
 from mxserve_kernels.moe.routing import Route, moe_align
@@ -62,8 +66,8 @@ def fused_moe(x: torch.Tensor, w: MoEWeights, topk_weights: torch.Tensor, topk_i
     if route is None:
         route = moe_align(topk_ids, w.num_experts, cfg["w13"]["BLOCK_M"], expert_map)
     r = t * k / max(w.num_experts, 1)
-    h = grouped_gemm(x, _prefill_weights(w.w13, r, prefill_dequant), cfg["w13"], mode=MODE_GATE_UP, route=route,
+    h = grouped_gemm(x, _prefill_weights(w.w13, r, x, prefill_dequant), cfg["w13"], mode=MODE_GATE_UP, route=route,
                      a_div=k)  # [T*K, I]
-    y = grouped_gemm(h, _prefill_weights(w.w2, r, prefill_dequant), cfg["w2"], mode=MODE_DOWN, route=route, topk_weights=topk_weights,
+    y = grouped_gemm(h, _prefill_weights(w.w2, r, x, prefill_dequant), cfg["w2"], mode=MODE_DOWN, route=route, topk_weights=topk_weights,
                      zero_init=expert_map is not None)  # [T*K, H], router weights applied
     return y.view(t, k, w.hidden).sum(dim=1) if k > 1 else y.view(t, w.hidden)
