@@ -219,6 +219,7 @@ def test_decode_tracks_quantized_reference(ckpts, prompt_ids, kv_run):
     mean_ref, mean_bf16 = sum(d_ref) / len(d_ref), sum(d_bf16) / len(d_bf16)
     _result("kv_decode_vs_torch_reference", {"mean_abs_delta_vs_packed_ref": mean_ref,
                                              "mean_abs_delta_vs_unquantized": mean_bf16, "positions": len(d_ref)})
+    # CPU proxy (HF bf16 compute vs this fp32 reference, same checkpoint and prompts): 0.033 vs 0.124
     assert mean_ref < 0.5 * mean_bf16, (
         f"vLLM K2V1.5 decode logprobs: mean |delta| {mean_ref:.3f} vs the packed-cache torch reference, "
         f"{mean_bf16:.3f} vs the unquantized model (expected much closer to the packed reference)")
