@@ -226,7 +226,10 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
     write_json_atomic(args.json, dict(env=env, rows=rows))
     if args.plot:
-        _plot(rows, args.plot, f"{args.model} MoE layer, {env['gpu']}")
+        try:
+            _plot(rows, args.plot, f"{args.model} MoE layer, {env['gpu']}")
+        except ImportError as exc:  # the JSON is the result; the plot is a convenience
+            print(f"bench_moe: no plot ({exc}); results are in {args.json}", file=sys.stderr)
     return 0
 
 
