@@ -47,3 +47,13 @@ def metrics_per_expert() -> bool:
 # GPU tests only: an mxmoe checkpoint to serve in tests/integration/test_metrics_gpu.py (built when unset).
 def test_checkpoint() -> str | None:
     return _str("MXSERVE_TEST_CHECKPOINT")
+
+
+# GPU tests only: copy each `vllm serve` log of a test server here (vllm-<label>-<port>.log).
+def test_log_dir() -> str | None:
+    return _str("MXSERVE_TEST_LOG_DIR")
+
+
+# GPU tests only: where tests dump the numbers they measured (JSON).
+def test_json() -> str | None:
+    return _str("MXSERVE_TEST_JSON")
