@@ -70,25 +70,49 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     return moe_align_torch(topk_ids, num_experts, block_m, expert_map)
 
 
-def _moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int,
-                      expert_map: torch.Tensor | None) -> Route:
+def _align_sizes(tk: int, num_experts: int, block_m: int) -> tuple[int, int]:
+    max_rows = max_padded_rows(tk, num_experts, block_m)
+    return max_rows, max_rows // block_m
+
+
+@torch.library.custom_op("mxserve::moe_align", mutates_args=())
+def moe_align_op(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_experts: int,
+                 block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw op (the one-launch Triton routing kernel; opaque to torch.compile, CUDA-graph safe): returns
+    (sorted_ids [max_rows] int32, block_expert [max_rows / block_m] int32, num_post [1] int32)."""
+    if not _HAS_TRITON:
+        raise RuntimeError("mxserve::moe_align needs Triton; use moe_align_torch")
     dev = topk_ids.device
     tk = topk_ids.numel()
-    if tk > _rk.MAX_PAIRS:
-        raise ValueError(f"moe_align: the Triton path takes at most {_rk.MAX_PAIRS} pairs, got {tk}")
-    max_rows = max_padded_rows(tk, num_experts, block_m)
-    nblocks = max_rows // block_m
+    max_rows, nblocks = _align_sizes(tk, num_experts, block_m)
     sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=dev)
     block_expert = torch.empty(nblocks, dtype=torch.int32, device=dev)
     num_post = torch.empty(1, dtype=torch.int32, device=dev)
     e_p2 = triton.next_power_of_2(num_experts + 1)
     scratch = torch.empty(e_p2, dtype=torch.int32, device=dev)
-    ids = topk_ids.reshape(-1)
-    emap = expert_map.to(dev) if expert_map is not None else scratch
-    _rk.moe_align_kernel[(1,)](ids, emap, sorted_ids, block_expert, num_post, scratch, tk, num_experts, max_rows,
-                               nblocks, HAS_MAP=expert_map is not None, PAIRS=max(16, triton.next_power_of_2(tk)),
-                               E_P2=e_p2, BLOCK_M=block_m, FILL=1024, BB=max(16, min(64, 4096 // e_p2)),
-                               num_warps=4)
+    emap = expert_map if expert_map is not None else scratch
+    _rk.moe_align_kernel[(1,)](topk_ids.reshape(-1), emap, sorted_ids, block_expert, num_post, scratch, tk,
+                               num_experts, max_rows, nblocks, HAS_MAP=expert_map is not None,
+                               PAIRS=max(16, triton.next_power_of_2(tk)), E_P2=e_p2, BLOCK_M=block_m, FILL=1024,
+                               BB=max(16, min(64, 4096 // e_p2)), num_warps=4)
+    return sorted_ids, block_expert, num_post
+
+
+@moe_align_op.register_fake
+def _(topk_ids, expert_map, num_experts, block_m):
+    max_rows, nblocks = _align_sizes(topk_ids.numel(), num_experts, block_m)
+    new = topk_ids.new_empty
+    return (new((max_rows,), dtype=torch.int32), new((nblocks,), dtype=torch.int32), new((1,), dtype=torch.int32))
+
+
+def _moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int,
+                      expert_map: torch.Tensor | None) -> Route:
+    tk = topk_ids.numel()
+    if tk > _rk.MAX_PAIRS:
+        raise ValueError(f"moe_align: the Triton path takes at most {_rk.MAX_PAIRS} pairs, got {tk}")
+    emap = expert_map.to(topk_ids.device).contiguous() if expert_map is not None else None
+    sorted_ids, block_expert, num_post = torch.ops.mxserve.moe_align(topk_ids.contiguous(), emap, num_experts,
+                                                                     block_m)
     return Route(sorted_ids, block_expert, num_post, tk, block_m)
 
 

@@ -118,6 +118,7 @@ def test_triton_kernels_under_interpreter():
 def test_fake_impl_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from mxserve_kernels.moe.grouped_gemm import MODE_GATE_UP, grouped_gemm
+    from mxserve_kernels.moe.routing import max_padded_rows
     w = prepare_experts(*make_experts(["int4_g32_asym", "bf16"], hidden=64, inter=32), hidden=64, inter=32)
     tw, ids = make_routing(3, 2, 2, "random")
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -126,6 +127,12 @@ def test_fake_impl_shapes():
         h = grouped_gemm(x, w.w13, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
                          mode=MODE_GATE_UP, route=r, a_div=2)
         assert h.shape == (6, 32) and h.dtype == torch.bfloat16
+        sid, bexp, npost = torch.ops.mxserve.moe_align(torch.empty(3, 2, dtype=torch.int64), None, 4, 16)
+        rows = max_padded_rows(6, 4, 16)
+        assert sid.shape == (rows,) and bexp.shape == (rows // 16,) and npost.shape == (1,)
+        assert sid.dtype == bexp.dtype == npost.dtype == torch.int32
+        d = torch.ops.mxserve.dequant_bf16(w.w13.qw, w.w13.pw, w.w13.meta, w.w13.wbf, w.w13.einfo, 64, 64, 3)
+        assert d.shape == (2, 64, 64) and d.dtype == torch.bfloat16
 
 
 def test_cpu_falls_back_to_reference():
