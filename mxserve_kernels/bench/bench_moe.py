@@ -22,6 +22,7 @@ from mxserve_kernels._common.layout import PackedWeights
 from mxserve_kernels._common.synth import random_canonical
 from mxserve_kernels.formats import WeightScheme
 from mxserve_kernels.moe import fused_moe, moe_align, moe_config, prepare_experts
+from mxserve_kernels.moe.fused_moe import _prefill_weights
 from mxserve_kernels.moe.grouped_gemm import MODE_DOWN, MODE_GATE_UP, grouped_gemm
 
 SHAPES = {"qwen3-30b-a3b": dict(E=128, H=2048, I=768, K=8), "mixtral-8x7b": dict(E=8, H=4096, I=14336, K=2),
@@ -104,11 +105,15 @@ def separate_launch_fn(w, x, tw, ids):
         route = moe_align(ids, w.num_experts, cfg["w13"]["BLOCK_M"], emap)
         parts.append((sub, route))
 
-    def run():
+    r = t * k / w.num_experts
+
+    def run():  # same per-launch choices as fused_moe (incl. the prefill dequant path)
         out = None
         for (w13, w2), route in parts:
-            h = grouped_gemm(x, w13, cfg["w13"], mode=MODE_GATE_UP, route=route, a_div=k)
-            y = grouped_gemm(h, w2, cfg["w2"], mode=MODE_DOWN, route=route, topk_weights=tw, zero_init=True)
+            h = grouped_gemm(x, _prefill_weights(w13, r, x, True), cfg["w13"], mode=MODE_GATE_UP, route=route,
+                             a_div=k)
+            y = grouped_gemm(h, _prefill_weights(w2, r, x, True), cfg["w2"], mode=MODE_DOWN, route=route,
+                             topk_weights=tw, zero_init=True)
             out = y if out is None else out + y
         return out.view(t, k, -1).sum(1)
     return run

@@ -68,6 +68,6 @@ def fused_moe(x: torch.Tensor, w: MoEWeights, topk_weights: torch.Tensor, topk_i
     r = t * k / max(w.num_experts, 1)
     h = grouped_gemm(x, _prefill_weights(w.w13, r, x, prefill_dequant), cfg["w13"], mode=MODE_GATE_UP, route=route,
                      a_div=k)  # [T*K, I]
-    y = grouped_gemm(h, _prefill_weights(w.w2, r, x, prefill_dequant), cfg["w2"], mode=MODE_DOWN, route=route, topk_weights=topk_weights,
-                     zero_init=expert_map is not None)  # [T*K, H], router weights applied
+    y = grouped_gemm(h, _prefill_weights(w.w2, r, x, prefill_dequant), cfg["w2"], mode=MODE_DOWN, route=route,
+                     topk_weights=topk_weights, zero_init=expert_map is not None)  # [T*K, H], router weights applied
     return y.view(t, k, w.hidden).sum(dim=1) if k > 1 else y.view(t, w.hidden)

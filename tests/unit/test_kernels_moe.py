@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from mxserve_kernels._common.layout import dequant_expert, pack_projection
-from mxserve_kernels.formats import WeightScheme
 from mxserve_kernels.moe import MoEWeights, fused_moe, moe_align, prepare_experts
 from mxserve_kernels.moe import reference as moe_ref
 from mxserve_kernels.quant import reference as qref
