@@ -39,6 +39,9 @@ def candidates(rows_per_expert: float, quick: bool):
                      ns=[2] if quick else [2, 3])
     for bm, bn, bk, nw, ns in itertools.product(space["bm"], space["bn"], space["bk"], space["nw"], space["ns"]):
         yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+    if rows_per_expert <= 4:  # FMA K loop (no tensor cores): BLOCK_M 4 or 8 rows, fp32 broadcast-multiply-add
+        for bm, bn in ((4, 32), (8, 32)) if quick else ((4, 32), (8, 32), (4, 64), (8, 16)):
+            yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=16, num_warps=4, num_stages=3, FMA=1)
 
 
 def tune_shape(model: str, tokens: list[int], quick: bool) -> dict:
@@ -58,8 +61,8 @@ def tune_shape(model: str, tokens: list[int], quick: bool) -> dict:
         pre = t * k / e >= PREFILL_DEQUANT_ROWS
         w13 = dequant_bf16(w.w13) if pre else w.w13
         w2 = dequant_bf16(w.w2) if pre else w.w2
+        results = {"w13": [], "w2": []}
         for proj in ("w13", "w2"):
-            results = []
             for cfg in candidates(t * k / e, quick):
                 route = moe_align(ids, e, cfg["BLOCK_M"])
                 if proj == "w13":
@@ -68,14 +71,16 @@ def tune_shape(model: str, tokens: list[int], quick: bool) -> dict:
                     fn = lambda: grouped_gemm(hmid, w2, cfg, mode=MODE_DOWN, route=route,  # noqa: E731
                                               topk_weights=tw)
                 try:
-                    results.append((_bench(fn, graph=True, rep=rep), cfg))
+                    results[proj].append((_bench(fn, graph=True, rep=rep), cfg))
                 except Exception as exc:  # out of shared memory etc.
                     print(f"  skip {cfg}: {type(exc).__name__}", file=sys.stderr)
-            best[proj] = min(results, key=lambda r: r[0])
-        # both projections must share BLOCK_M (one route): keep w13's BLOCK_M unless w2's pair is much better
-        bm = best["w13"][1]["BLOCK_M"]
-        if best["w2"][1]["BLOCK_M"] != bm:
-            best["w2"] = (best["w2"][0], dict(best["w2"][1], BLOCK_M=bm))
+        # both projections share one route, hence BLOCK_M: best sum of the two over the BLOCK_M both measured
+        bms = {c["BLOCK_M"] for _, c in results["w13"]} & {c["BLOCK_M"] for _, c in results["w2"]}
+        if not bms:
+            raise RuntimeError(f"tune_moe: no config ran for {model} T={t}")
+        pick = {bm: {p: min((r for r in results[p] if r[1]["BLOCK_M"] == bm), key=lambda r: r[0])
+                     for p in ("w13", "w2")} for bm in bms}
+        best = min(pick.values(), key=lambda b: b["w13"][0] + b["w2"][0])
         table[str(t)] = {"w13": best["w13"][1], "w2": best["w2"][1]}
         print(f"{model} T={t}: w13 {best['w13'][0]:.1f}us {best['w13'][1]}  w2 {best['w2'][0]:.1f}us "
               f"{best['w2'][1]}", flush=True)

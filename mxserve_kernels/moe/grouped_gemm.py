@@ -39,7 +39,8 @@ def grouped_gemm_op(x: torch.Tensor, qw: torch.Tensor, pw: torch.Tensor, meta: t
     """Raw op (tensors and ints only, for torch.compile / CUDA graphs); use ``grouped_gemm`` instead."""
     if not HAS_TRITON:
         raise RuntimeError("mxserve::grouped_gemm needs Triton; use mxserve_kernels.moe.reference on this machine")
-    block_m, block_n, block_k, num_warps, num_stages = cfg
+    block_m, block_n, block_k, num_warps, num_stages = cfg[:5]
+    fma = bool(cfg[5]) if len(cfg) > 5 else False
     alloc = torch.zeros if zero_init else torch.empty
     out = alloc((out_rows, n), dtype=x.dtype, device=x.device)
     m_blocks = triton.cdiv(num_valid, block_m) if dense else block_expert.numel()
@@ -48,7 +49,7 @@ def grouped_gemm_op(x: torch.Tensor, qw: torch.Tensor, pw: torch.Tensor, meta: t
         x, out, qw, pw, meta, wbf, einfo, sorted_ids, block_expert, num_post, topk_w,
         n, k, wcols, n_up, x.stride(0), out.stride(0), a_div, num_valid,
         MODE=mode, DENSE=dense, NFIELDS=NFIELDS, IS_FP32=x.dtype == torch.float32 or not x.is_cuda, KINDS=kinds,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FMA=fma, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
@@ -59,7 +60,8 @@ def _(x, qw, pw, meta, wbf, einfo, sorted_ids, block_expert, num_post, topk_w, n
 
 
 def _cfg_list(cfg: dict[str, int]) -> list[int]:
-    return [int(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")]
+    return [int(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")] + [
+        int(cfg.get("FMA", 0))]
 
 
 def grouped_gemm(x: torch.Tensor, w: PackedWeights, cfg: dict[str, int], *, mode: int, route: Route | None = None,
@@ -69,7 +71,8 @@ def grouped_gemm(x: torch.Tensor, w: PackedWeights, cfg: dict[str, int], *, mode
     Args:
         x: [R, K] activations (bf16/fp16/fp32); row of pair r is ``x[r // a_div]``.
         w: the projection, [N, K] per expert (``n_up = N/2`` for MODE_GATE_UP).
-        cfg: launch config (``_common.configs``); BLOCK_M must equal ``route.block_m``.
+        cfg: launch config (``_common.configs``); BLOCK_M must equal ``route.block_m``; optional ``"FMA": 1``
+            runs the K loop as fp32 broadcast-multiply-add instead of tl.dot (decode: BLOCK_M 1..8 allowed).
         mode: MODE_PLAIN, MODE_GATE_UP (fused SiLU-and-mul) or MODE_DOWN (router weights applied).
         route: tile map (None: dense, one expert, rows 0..R-1).
         topk_weights: [T*K] fp32 router weights (MODE_DOWN).
@@ -81,8 +84,11 @@ def grouped_gemm(x: torch.Tensor, w: PackedWeights, cfg: dict[str, int], *, mode
         raise ValueError(f"grouped_gemm: x must be [R, {w.k}], got {list(x.shape)}")
     if x.dtype not in _ACT_DTYPES:
         raise ValueError(f"grouped_gemm: x dtype {x.dtype} not in {_ACT_DTYPES}")
-    if any(cfg[b] < 16 or cfg[b] & (cfg[b] - 1) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")):
-        raise ValueError(f"grouped_gemm: config {cfg} needs BLOCK_M, BLOCK_N, BLOCK_K powers of two >= 16")
+    min_m = 1 if cfg.get("FMA") else 16  # FMA configs (no tl.dot) take BLOCK_M 1..8 for few rows per expert
+    if (any(cfg[b] < 16 or cfg[b] & (cfg[b] - 1) for b in ("BLOCK_N", "BLOCK_K"))
+            or cfg["BLOCK_M"] < min_m or cfg["BLOCK_M"] & (cfg["BLOCK_M"] - 1)):
+        raise ValueError(f"grouped_gemm: config {cfg} needs powers of two, BLOCK_N, BLOCK_K >= 16 and BLOCK_M >= "
+                         f"{min_m}")
     if x.stride(1) != 1:
         x = x.contiguous()
     n_out = w.n // 2 if mode == MODE_GATE_UP else w.n

@@ -77,7 +77,7 @@ def _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols, K, w0, col,
 @triton.jit
 def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols,
               n_up, K, offs_n, n_mask, KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr,
-              DUAL: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr):
+              DUAL: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr, FMA: tl.constexpr):
     """acc (+acc2 for the up half when DUAL) += x[rows] @ dequant(W)^T over all of K for an integer expert.
     The next tile's words/metadata are loaded (into registers) before the current tile's dots: two tiles in flight
     per program on top of the compiler's pipelining."""
@@ -90,6 +90,13 @@ def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, met
     col = offs_n[None, :]
     col2 = col + n_up
     offs_w = tl.arange(0, BKW)
+    # FMA (few rows per expert): acc3 += a[:, :, None] * w[None] in fp32 registers, reduced over K once at the end
+    # (no tensor-core operand shuffles; BLOCK_M may be < 16)
+    acc3 = 0.0
+    acc3b = 0.0
+    if FMA:
+        acc3 = tl.zeros((acc.shape[0], BKW, acc.shape[1]), dtype=tl.float32)
+        acc3b = tl.zeros((acc.shape[0], BKW, acc.shape[1]), dtype=tl.float32)
     words, s, z, p0, sp0, p1, sp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols, K, 0, col,
                                                n_mask, KIND, BITS, NP, BKW)
     words2, s2, z2, q0, tp0, q1, tp1 = words, s, z, p0, sp0, p1, sp1
@@ -112,26 +119,50 @@ def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, met
         if PER <= 8:  # 4/8-bit: unrolled code slots
             for j in tl.static_range(PER):
                 a = tl.load(a_ptrs + j, mask=a_mask, other=0.0)
-                acc = _dot(a, _dq(words, s, z, p0, sp0, p1, sp1, psh, j, KIND, BITS, NP), acc, IS_FP32)
-                if DUAL:
-                    acc2 = _dot(a, _dq(words2, s2, z2, q0, tp0, q1, tp1, psh, j, KIND, BITS, NP), acc2, IS_FP32)
+                if FMA:
+                    af = a.to(tl.float32)[:, :, None]
+                    acc3 += af * _dq(words, s, z, p0, sp0, p1, sp1, psh, j, KIND, BITS, NP)[None, :, :]
+                    if DUAL:
+                        acc3b += af * _dq(words2, s2, z2, q0, tp0, q1, tp1, psh, j, KIND, BITS, NP)[None, :, :]
+                else:
+                    acc = _dot(a, _dq(words, s, z, p0, sp0, p1, sp1, psh, j, KIND, BITS, NP), acc, IS_FP32)
+                    if DUAL:
+                        acc2 = _dot(a, _dq(words2, s2, z2, q0, tp0, q1, tp1, psh, j, KIND, BITS, NP), acc2,
+                                    IS_FP32)
         else:  # 1/2-bit (16-32 slots): a runtime loop keeps the compiled kernel (and compile time) small
             for j in range(PER):
                 a = tl.load(a_ptrs + j, mask=a_mask, other=0.0)
-                acc = _dot(a, _dq(words, s, z, p0, sp0, p1, sp1, psh, j, KIND, BITS, NP), acc, IS_FP32)
-                if DUAL:
-                    acc2 = _dot(a, _dq(words2, s2, z2, q0, tp0, q1, tp1, psh, j, KIND, BITS, NP), acc2, IS_FP32)
+                if FMA:
+                    af = a.to(tl.float32)[:, :, None]
+                    acc3 += af * _dq(words, s, z, p0, sp0, p1, sp1, psh, j, KIND, BITS, NP)[None, :, :]
+                    if DUAL:
+                        acc3b += af * _dq(words2, s2, z2, q0, tp0, q1, tp1, psh, j, KIND, BITS, NP)[None, :, :]
+                else:
+                    acc = _dot(a, _dq(words, s, z, p0, sp0, p1, sp1, psh, j, KIND, BITS, NP), acc, IS_FP32)
+                    if DUAL:
+                        acc2 = _dot(a, _dq(words2, s2, z2, q0, tp0, q1, tp1, psh, j, KIND, BITS, NP), acc2,
+                                    IS_FP32)
         words, s, z, p0, sp0, p1, sp1 = nwords, ns, nz, np0, nsp0, np1, nsp1
         words2, s2, z2, q0, tp0, q1, tp1 = nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1
+    if FMA:
+        acc += tl.sum(acc3, axis=1)
+        if DUAL:
+            acc2 += tl.sum(acc3b, axis=1)
     return acc, acc2
 
 
 @triton.jit
 def _bf16_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, wbf_ptr, woff, wcols, n_up, K, offs_n, n_mask,
-               DUAL: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr):
-    """acc (+acc2) += x[rows] @ W^T for a bf16 expert (weights fed straight to tl.dot, 2*BLOCK_K rows a step)."""
+               DUAL: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr, FMA: tl.constexpr):
+    """acc (+acc2) += x[rows] @ W^T for a bf16 expert (weights fed straight to tl.dot, 2*BLOCK_K rows a step;
+    FMA: fp32 broadcast-multiply, reduced once at the end)."""
     BK: tl.constexpr = 2 * BLOCK_K
     offs_kb = tl.arange(0, BK)
+    acc3 = 0.0
+    acc3b = 0.0
+    if FMA:
+        acc3 = tl.zeros((acc.shape[0], BK, acc.shape[1]), dtype=tl.float32)
+        acc3b = tl.zeros((acc.shape[0], BK, acc.shape[1]), dtype=tl.float32)
     for k0 in range(0, K, BK):
         offs_k = k0 + offs_kb
         km = offs_k < K
@@ -139,9 +170,19 @@ def _bf16_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, wbf_ptr, woff, wco
                     other=0.0)
         wp = wbf_ptr + woff + offs_k[:, None] * wcols + offs_n[None, :]
         wmask = km[:, None] & n_mask[None, :]
-        acc = _dot(a, tl.load(wp, mask=wmask, other=0.0), acc, IS_FP32)
+        if FMA:
+            af = a.to(tl.float32)[:, :, None]
+            acc3 += af * tl.load(wp, mask=wmask, other=0.0).to(tl.float32)[None, :, :]
+            if DUAL:
+                acc3b += af * tl.load(wp + n_up, mask=wmask, other=0.0).to(tl.float32)[None, :, :]
+        else:
+            acc = _dot(a, tl.load(wp, mask=wmask, other=0.0), acc, IS_FP32)
+            if DUAL:
+                acc2 = _dot(a, tl.load(wp + n_up, mask=wmask, other=0.0), acc2, IS_FP32)
+    if FMA:
+        acc += tl.sum(acc3, axis=1)
         if DUAL:
-            acc2 = _dot(a, tl.load(wp + n_up, mask=wmask, other=0.0), acc2, IS_FP32)
+            acc2 += tl.sum(acc3b, axis=1)
     return acc, acc2
 
 
@@ -150,7 +191,8 @@ def grouped_gemm_kernel(x_ptr, out_ptr, qw_ptr, pw_ptr, meta_ptr, wbf_ptr, einfo
                         sorted_ids_ptr, block_expert_ptr, num_post_ptr, topk_w_ptr,
                         N, K, wcols, n_up, stride_xm, stride_om, a_div, num_valid,
                         MODE: tl.constexpr, DENSE: tl.constexpr, NFIELDS: tl.constexpr, IS_FP32: tl.constexpr,
-                        KINDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        KINDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        FMA: tl.constexpr = False):
     """Grid (m-blocks, cdiv(N, BLOCK_N)). Rows of block b: ``sorted_ids[b*BLOCK_M:(b+1)*BLOCK_M]`` (ids >= num_valid
     are padding), expert ``block_expert[b]``; DENSE: rows ``b*BLOCK_M + arange`` and expert 0. KINDS: bit mask of
     the expert kinds present (``layout.kind_bit``), so only their K loops are compiled (compile time, registers)."""
@@ -188,41 +230,41 @@ def grouped_gemm_kernel(x_ptr, out_ptr, qw_ptr, pw_ptr, meta_ptr, wbf_ptr, einfo
             if (kind == 2) & (bits == 4):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
                                       qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
-                                      2, 4, 0, DUAL, BLOCK_K, IS_FP32)
+                                      2, 4, 0, DUAL, BLOCK_K, IS_FP32, FMA)
         if (KINDS & 4) != 0:
             if (kind == 2) & (bits == 2):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
                                       qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
-                                      2, 2, 0, DUAL, BLOCK_K, IS_FP32)
+                                      2, 2, 0, DUAL, BLOCK_K, IS_FP32, FMA)
         if (KINDS & 2) != 0:
             if (kind == 2) & (bits == 1):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
                                       qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
-                                      2, 1, 0, DUAL, BLOCK_K, IS_FP32)
+                                      2, 1, 0, DUAL, BLOCK_K, IS_FP32, FMA)
         if (KINDS & 16) != 0:
             if (kind == 2) & (bits == 8):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
                                       qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
-                                      2, 8, 0, DUAL, BLOCK_K, IS_FP32)
+                                      2, 8, 0, DUAL, BLOCK_K, IS_FP32, FMA)
         if (KINDS & 32) != 0:
             if kind == 3:
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
                                       qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
-                                      3, 2, 1, DUAL, BLOCK_K, IS_FP32)
+                                      3, 2, 1, DUAL, BLOCK_K, IS_FP32, FMA)
         if (KINDS & 64) != 0:
             if (kind == 4) & (npl == 1):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
                                       qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
-                                      4, 2, 1, DUAL, BLOCK_K, IS_FP32)
+                                      4, 2, 1, DUAL, BLOCK_K, IS_FP32, FMA)
         if (KINDS & 128) != 0:
             if (kind == 4) & (npl == 2):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
                                       qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
-                                      4, 2, 2, DUAL, BLOCK_K, IS_FP32)
+                                      4, 2, 2, DUAL, BLOCK_K, IS_FP32, FMA)
         if (KINDS & 1) != 0:
             if kind == 1:
                 acc, acc2 = _bf16_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, wbf_ptr, woff, wcols, n_up, K,
-                                       offs_n, n_mask, DUAL, BLOCK_K, IS_FP32)
+                                       offs_n, n_mask, DUAL, BLOCK_K, IS_FP32, FMA)
         if MODE == 1:
             res = acc / (1.0 + tl.exp(-acc)) * acc2
         elif MODE == 2:
