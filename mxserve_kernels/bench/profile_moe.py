@@ -2,7 +2,8 @@
 per scheme and config, to see where a fused_moe microsecond goes.
 
     python -m mxserve_kernels.bench.profile_moe --json OUT.json [--tokens 1,16,64,8192] [--schemes int4_g128_asym]
-        [--configs 16,32,16,4,3;...]   (BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages; default: moe_config's)
+        [--configs 16,32,16,4,3;4,32,16,4,3,1;...]   (BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages[,FMA];
+        default: moe_config's)
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
         return 2
     shp = SHAPES[args.model]
     e, h, i, k = shp["E"], shp["H"], shp["I"], shp["K"]
-    cfgs = [dict(zip(CFG_KEYS, map(int, c.split(",")))) for c in args.configs.split(";") if c]
+    cfgs = [dict(zip(CFG_KEYS + ("FMA",), map(int, c.split(",")))) for c in args.configs.split(";") if c]
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(1)
     weights = {s: build_ours([s], e, h, i) for s in args.schemes.split(",")}
