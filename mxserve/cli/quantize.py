@@ -26,9 +26,12 @@ def add_parser(sub) -> None:
     p.add_argument("--cost-weight", type=float, default=0.0, help="r: trade accuracy for kernel time (0..1)")
     p.add_argument("--candidates", help="comma list of scheme names the allocator may pick (default: see docs)")
     p.add_argument("--clip-search", action="store_true", help="per-group clip-ratio search")
-    p.add_argument("--sens-norm", choices=["layer", "none", "sqrt"], default="layer",
+    p.add_argument("--sens-norm", choices=["layer", "none", "sqrt", "kld"], default="layer",
                    help="allocator sensitivity: squared output error relative to each layer's residual energy "
-                        "(default), raw squared, or sqrt (plain norm, MxMoE's exact metric)")
+                        "(default), raw squared, sqrt (plain norm, MxMoE's exact metric), or kld (layers weighted "
+                        "by a measured output-KL probe; loads the whole model: small models only)")
+    p.add_argument("--no-sens-holdout", dest="sens_holdout", action="store_false",
+                   help="score sensitivity on the tokens GPTQ was fitted on (default: held-out half)")
     p.add_argument("--per-layer-budget", action="store_true",
                    help="every layer meets --bits on its own (MxMoE per-layer solve) instead of the model average")
     p.add_argument("--seq-len", type=int, default=512)
@@ -62,7 +65,8 @@ def run(args) -> int:
                             progress=not args.json, seq_len=args.seq_len, n_samples=args.samples,
                             cost_weight=args.cost_weight, clip_search=args.clip_search, force=args.force,
                             candidates=args.candidates.split(",") if args.candidates else None,
-                            sens_norm=args.sens_norm, per_layer_budget=args.per_layer_budget, synthetic=synthetic)
+                            sens_norm=args.sens_norm, per_layer_budget=args.per_layer_budget,
+                            sens_holdout=args.sens_holdout, synthetic=synthetic)
     if args.json:
         print(json.dumps(s, indent=1))
     else:

@@ -5,7 +5,7 @@
 DIR is ``mxserve demo-model --out DIR`` (checkpoint + calib.txt + eval.txt). Writes one JSON object with, per
 budget, the true average bits and {ppl, kld, top1} of the uniform checkpoint (the issue's baseline: int2_g128_asym
 at 2.25, int3_g128_asym at 3.25, GPTQ) and of the mixed plan for each ``--variants`` entry (default: layer, none,
-perlayer, mxmoe), and their KLD ratios; prints one ``RATIO`` line per ratio.
+mxmoe, kld, insample; also perlayer), and their KLD ratios; prints one ``RATIO`` line per ratio.
 """
 from __future__ import annotations
 
@@ -34,11 +34,13 @@ def _quantize_and_compare(demo_p: pathlib.Path, dst: pathlib.Path, b: float, dev
 VARIANTS = {"layer": dict(sens_norm="layer"),                            # cross-layer, layer-normalised (default)
             "none": dict(sens_norm="none"),                              # cross-layer, raw squared norms
             "perlayer": dict(sens_norm="none", per_layer_budget=True),  # per-layer budget, squared norms
-            "mxmoe": dict(sens_norm="sqrt", per_layer_budget=True)}     # MxMoE: plain norms, per-layer solve
+            "mxmoe": dict(sens_norm="sqrt", per_layer_budget=True),     # MxMoE: plain norms, per-layer solve
+            "kld": dict(sens_norm="kld"),                                # layers weighted by output-KL probe
+            "insample": dict(sens_norm="layer", sens_holdout=False)}     # "layer" scored on its GPTQ fit tokens
 
 
 def measure(demo: str, bits: list[float], device: str | None, method: str = "gptq", samples: int = 128,
-            seq_len: int = 256, variants: tuple[str, ...] = ("layer", "none", "perlayer", "mxmoe"),
+            seq_len: int = 256, variants: tuple[str, ...] = ("layer", "none", "mxmoe", "kld", "insample"),
             candidates: list[str] | None = None) -> dict:
     """Quantize ``demo`` uniformly and mixed at each budget and compare both with the bf16 model.
 
@@ -84,9 +86,10 @@ def main(argv=None) -> int:
     ap.add_argument("--method", default="gptq")
     ap.add_argument("--device")
     ap.add_argument("--variants", choices=sorted(VARIANTS), nargs="+",
-                    default=["layer", "none", "perlayer", "mxmoe"],
+                    default=["layer", "none", "mxmoe", "kld", "insample"],
                     help="mixed-plan variants (layer: cross-layer with layer-normalised sensitivity; none: raw; "
-                         "perlayer: per-layer budget; mxmoe: per-layer budget with plain norms); the first is "
+                         "perlayer: per-layer budget; mxmoe: per-layer budget with plain norms; kld: layers "
+                         "weighted by an output-KL probe; insample: layer without hold-out scoring); the first is "
                          "the headline 'mixed' row")
     ap.add_argument("--candidates", help="comma list of scheme names (default: quantize's default candidates)")
     ap.add_argument("--json", help="write the result here too")

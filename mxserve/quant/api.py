@@ -54,10 +54,12 @@ def uniform_baseline(cands: list[WeightScheme], bits: float, group_size: int) ->
     return uniform_scheme(plain or cands, bits)
 
 
-SENS_NORMS = ("layer", "none", "sqrt")
+SENS_NORMS = ("layer", "none", "sqrt", "kld")
+KLD_PROBE = "int2_g128_asym"
 
 
-def normalise_sensitivity(sens: dict, layer_energy: dict[int, float], norm: str) -> dict:
+def normalise_sensitivity(sens: dict, layer_energy: dict[int, float], norm: str,
+                          layer_kld: dict[int, float] | None = None, probe: str = KLD_PROBE) -> dict:
     """``norm="layer"``: divide each layer's block errors by the energy of that layer's output residual stream
     over the calibration tokens (the next RMSNorm sees the relative perturbation, so a deep layer whose residual
     norm has grown does not dominate the objective by scale alone). ``"none"``: raw squared norms. ``"sqrt"``:
@@ -66,6 +68,13 @@ def normalise_sensitivity(sens: dict, layer_energy: dict[int, float], norm: str)
         return sens
     if norm == "sqrt":
         return {b: {n: v ** 0.5 for n, v in d.items()} for b, d in sens.items()}
+    if norm == "kld":   # layer l's errors in (linearised) output-KL units: kld_l / sum_b err_b(probe)
+        if layer_kld is None:
+            raise ValueError("normalise_sensitivity: norm 'kld' needs layer_kld (layer_kld.layer_kld_probe)")
+        tot: dict[int, float] = {}
+        for b, d in sens.items():
+            tot[b[0]] = tot.get(b[0], 0.0) + d[probe]
+        return {b: {n: v * layer_kld[b[0]] / max(tot[b[0]], 1e-30) for n, v in d.items()} for b, d in sens.items()}
     return {b: {n: v / max(layer_energy[b[0]], 1e-30) for n, v in d.items()} for b, d in sens.items()}
 
 
@@ -85,6 +94,7 @@ class _Job:
         self.device, self.progress = device, progress
         self.stats = RouterStats()
         self.layer_energy: dict[int, float] = {}
+        self.holdout = True
 
     # ---- names ----------------------------------------------------------------------------------------------
     def dense_targets(self, layer_mod, l: int) -> dict[str, tuple[str, WeightScheme]]:
@@ -116,22 +126,34 @@ class _Job:
 
         Errors are MxMoE layer-output norms (squared, summed over each expert's routed tokens with routing
         weights, i.e. weighted by activation frequency); ``normalise_sensitivity`` scales them per layer.
+        With ``holdout`` (default) GPTQ candidates are fitted on the first half of the calibration tokens and
+        scored on the second: in-sample errors flatter GPTQ most where an expert saw few tokens or the scheme
+        is coarse (int1), which is exactly where the allocator would then put too few bits.
         """
         sens, numel, times = {}, {}, {}
         for l in _progress(range(self.geo["layers"]), "sensitivity", self.progress):
             layer = drv.open_layer(l)
             if self.is_moe(layer):
-                data = drv.collect(l, [], hessians=self.opts.method == "gptq")
+                gptq = self.opts.method == "gptq"
+                data = drv.collect(l, [], hessians=gptq and not self.holdout)
                 ex = layer.mlp.experts
                 e = ex.gate_up_proj.shape[0]
                 self.stats.update(l, data.topk_idx, e)
                 gu, dn = ex.gate_up_proj.float(), ex.down_proj.float()
+                h, idx, w = data.h, data.topk_idx, data.topk_w
+                hg, hd = data.h_gate_up, data.h_down
+                if self.holdout:   # fit on the first half of the tokens, score on the second (out of sample)
+                    half = h.shape[0] // 2
+                    if gptq:
+                        hg, hd = drv.expert_hessians(layer.mlp, h[:half], idx[:half])
+                    h, idx, w = h[half:], idx[half:], w[half:]
                 per = {}
                 for s in self.cands:
-                    qgu, _ = quantize_stack(gu, data.h_gate_up, s, self.opts, want_tensors=False)
-                    qdn, _ = quantize_stack(dn, data.h_down, s, self.opts, want_tensors=False)
-                    per[s.name] = block_errors(data.h, data.topk_idx, data.topk_w, gu, dn, qgu, qdn, ex.act_fn)
+                    qgu, _ = quantize_stack(gu, hg, s, self.opts, want_tensors=False)
+                    qdn, _ = quantize_stack(dn, hd, s, self.opts, want_tensors=False)
+                    per[s.name] = block_errors(h, idx, w, gu, dn, qgu, qdn, ex.act_fn)
                     del qgu, qdn
+                del hg, hd
                 self.layer_energy[l] = drv.output_energy()
                 m = self.stats.tokens_per_expert(l, SERVING_BATCH_TOKENS)
                 two_i, hid = gu.shape[1], gu.shape[2]
@@ -233,7 +255,8 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
                         device=None, progress: bool = True, shared_bits: int | None = None,
                         seq_len: int = DEFAULT_SEQ_LEN, n_samples: int = DEFAULT_SAMPLES, cost_weight: float = 0.0,
                         clip_search: bool = False, force: bool = False, candidates: list[str] | None = None,
-                        sens_norm: str = "layer", per_layer_budget: bool = False, synthetic=None,
+                        sens_norm: str = "layer", per_layer_budget: bool = False, sens_holdout: bool = True,
+                        synthetic=None,
                         sens_cache: dict | None = None) -> dict:
     """Quantize an HF MoE checkpoint; writes ``dst`` atomically and returns a summary dict.
 
@@ -244,8 +267,11 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
         attn_bits / shared_bits: fixed int bits for attention / shared-expert (and dense-MLP) linears; None = bf16.
         uniform: every expert block at the candidate nearest the budget (baseline), no sensitivity pass.
         cost_weight: r in the allocator objective (0 = accuracy only); kernel times from mxserve_kernels cost model.
-        sens_norm: "layer" (errors relative to each layer's residual-stream energy) or "none" (raw squared norms).
+        sens_norm: "layer" (errors relative to each layer's residual-stream energy), "none" (raw squared norms),
+            "sqrt" (plain norms, MxMoE) or "kld" (layers weighted by a measured output-KL probe; whole model on
+            ``device``, see ``layer_kld.py``).
         per_layer_budget: every layer meets ``bits`` on its own (MxMoE's per-layer solve) instead of the average.
+        sens_holdout: score sensitivity candidates on calibration tokens their GPTQ fit did not see.
         sens_cache: dict reused across calls (same source, calibration, candidates, method, device): pass 1
             (router stats + sensitivity, independent of the budget) runs once for several budgets/variants.
         synthetic: (preset, layers) or a ``SyntheticCheckpoint``: ``src`` is ignored and random bf16 weights of
@@ -284,6 +310,7 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
     ids, calib_info = calibration_ids(calib, ckpt.path, ckpt.config["vocab_size"], seq_len=seq_len,
                                       n_samples=n_samples, seed=seed)
     job = _Job(ckpt, opts, cands, attn_scheme, shared_scheme, device, progress)
+    job.holdout = sens_holdout
     timings = {}
     geo = ckpt.geometry
     with AtomicCheckpointWriter(dst, force=force) as writer:
@@ -299,7 +326,7 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
             plan = BitPlan(schemes, average_bits(schemes, blocks_numel), 0.0, "uniform", 0.0)
         else:
             key = (str(ckpt.path), calib, method, clip_search, tuple(c.name for c in cands), seq_len, n_samples,
-                   seed, str(device), cost_weight > 0)
+                   seed, str(device), cost_weight > 0, sens_holdout)
             if sens_cache is not None and key in sens_cache:
                 sens, numel, times, job.layer_energy, job.stats = sens_cache[key]
                 timings["sensitivity_cached"] = True
@@ -308,10 +335,21 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
                 sens, numel, times = job.sensitivity(drv, cost_weight)
                 if sens_cache is not None:
                     sens_cache[key] = (sens, numel, times, job.layer_energy, job.stats)
+            layer_kld = None
+            if sens_norm == "kld":
+                if KLD_PROBE not in next(iter(sens.values())):
+                    raise ValueError(f"--sens-norm kld needs {KLD_PROBE} among the candidates")
+                kkey = key + ("kld",)
+                if sens_cache is None or kkey not in sens_cache:
+                    from mxserve.quant.layer_kld import layer_kld_probe
+                    layer_kld = layer_kld_probe(ckpt, ids, device, WeightScheme.parse(KLD_PROBE))
+                    if sens_cache is not None:
+                        sens_cache[kkey] = layer_kld
+                layer_kld = sens_cache[kkey] if sens_cache is not None else layer_kld
             timings["sensitivity_s"] = round(time.time() - t, 2)
             t = time.time()
-            plan = allocate(normalise_sensitivity(sens, job.layer_energy, sens_norm), numel, cands, bits,
-                            time_us=times or None, r=cost_weight, per_layer=per_layer_budget)
+            plan = allocate(normalise_sensitivity(sens, job.layer_energy, sens_norm, layer_kld), numel, cands,
+                            bits, time_us=times or None, r=cost_weight, per_layer=per_layer_budget)
             # dense layers (no experts) have no blocks in the plan
             blocks_numel = numel
             timings["allocate_s"] = round(time.time() - t, 2)
@@ -336,6 +374,7 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
                 "calibration": calib_info, "seed": seed, "timings": timings, "device": str(device),
                 "allocator": {"status": plan.status, "mip_gap": plan.mip_gap, "cost_weight": cost_weight,
                               "sens_norm": sens_norm, "per_layer_budget": per_layer_budget,
+                              "sens_holdout": sens_holdout,
                               "candidates": [c.name for c in cands]},
                 "histogram": hist, "router_stats": job.stats.to_dict()}
         qc = MxMoEConfig(default_scheme=BF16, modules=modules, experts=experts, meta=meta)

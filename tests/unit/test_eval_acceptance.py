@@ -15,10 +15,10 @@ def test_measure_reports_baseline_and_every_variant(tmp_path):
     train, held = read_corpus(max_bytes=1 << 20)
     (d / "calib.txt").write_text(train[:20_000])
     (d / "eval.txt").write_text(held[:4_000])
-    res = measure(str(d), [3.25], "cpu", method="rtn", samples=4, seq_len=64, variants=("layer", "none", "perlayer"))
+    res = measure(str(d), [3.25], "cpu", method="rtn", samples=4, seq_len=64, variants=("layer", "none", "perlayer", "insample"))
     row = res["budgets"]["3.25"]
     assert row["uniform"]["histogram"] == {"int3_g128_asym": 2 * 8 * 2} and row["uniform"]["avg_bits"] == 3.25
-    for key in ("mixed", "mixed_none", "mixed_perlayer"):
+    for key in ("mixed", "mixed_none", "mixed_perlayer", "mixed_insample"):
         assert row[key]["avg_bits"] <= 3.25 + 1e-9
         assert row[f"kld_ratio_{key}_over_uniform"] == pytest.approx(row[key]["kld"] / row["uniform"]["kld"])
-    assert res["variants"] == ["layer", "none", "perlayer"] and res["seconds"] > 0
+    assert res["variants"] == ["layer", "none", "perlayer", "insample"] and res["seconds"] > 0

@@ -98,3 +98,14 @@ def test_layer_normalisation_divides_by_layer_energy():
     assert out[(0, 0, "down")]["a"] == 2.0 and out[(1, 0, "down")]["a"] == 0.5
     assert normalise_sensitivity(sens, {0: 2.0, 1: 8.0}, "none") is sens
     assert normalise_sensitivity(sens, {0: 2.0, 1: 8.0}, "sqrt")[(1, 0, "down")]["a"] == 2.0
+
+
+def test_kld_normalisation_puts_layers_in_probe_kl_units():
+    from mxserve.quant.api import normalise_sensitivity
+    sens = {(0, 0, "down"): {"p": 1.0, "q": 3.0}, (0, 1, "down"): {"p": 3.0, "q": 1.0},
+            (1, 0, "down"): {"p": 2.0, "q": 2.0}}
+    out = normalise_sensitivity(sens, {}, "kld", {0: 0.8, 1: 0.1}, probe="p")
+    assert sum(out[b]["p"] for b in out if b[0] == 0) == pytest.approx(0.8)
+    assert out[(1, 0, "down")]["q"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="needs layer_kld"):
+        normalise_sensitivity(sens, {}, "kld")

@@ -154,11 +154,13 @@ class LayerDriver:
             _, w, idx = moe.gate(h)
         hg = hd_ = None
         if hessians:
-            hg, hd_ = self._expert_hessians(moe, h, idx)
+            hg, hd_ = self.expert_hessians(moe, h, idx)
         return LayerData(h, idx, w, hg, hd_, dense_h)
 
     @torch.no_grad()
-    def _expert_hessians(self, moe, h: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def expert_hessians(self, moe, h: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-expert GPTQ Hessians ([E, H, H] gate/up inputs, [E, I, I] down inputs) from MoE inputs h [T, H]
+        routed by idx [T, K]."""
         gu, dn = moe.experts.gate_up_proj, moe.experts.down_proj
         e, _, hid = gu.shape
         inter = dn.shape[2]
