@@ -74,6 +74,7 @@ class PackedWeights:
     einfo: torch.Tensor
     n: int
     k: int
+    kinds: int | None = None  # KINDS mask; None: read from einfo at construction (never pass it inside a forward)
 
     TENSOR_FIELDS = ("qw", "pw", "meta", "wbf", "einfo")
 
@@ -83,6 +84,9 @@ class PackedWeights:
 
     def __post_init__(self) -> None:
         # kind mask read from einfo once, at construction (real tensors), never in a forward (no host sync there)
+        if self.kinds is not None:
+            self._kinds_mask = int(self.kinds)
+            return
         try:
             mask = 0
             for row in self.einfo.cpu().tolist():

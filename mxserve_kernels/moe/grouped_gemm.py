@@ -149,6 +149,5 @@ def dequant_bf16(w: PackedWeights) -> PackedWeights:
     info[:, F_KIND] = torch.where(live, KIND_BF16, KIND_NONE)
     info[:, F_BITS] = 16
     info[:, F_WOFF] = torch.arange(info.shape[0], device=info.device) * (w.k * w.n // OFF_UNIT)
-    out = PackedWeights(w.qw, w.pw, w.meta, wbf.reshape(-1), info, w.n, w.k)
-    out._kinds_mask = 1 if w.kinds_mask else 0
-    return out
+    # kinds given: no einfo read back to the host (this runs inside forwards, possibly under CUDA-graph capture)
+    return PackedWeights(w.qw, w.pw, w.meta, wbf.reshape(-1), info, w.n, w.k, kinds=1 if w.kinds_mask else 0)

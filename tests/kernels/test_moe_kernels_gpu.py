@@ -132,3 +132,23 @@ def test_fused_moe_fma_config_gpu(block_m):
     got = fused_moe(x, w, tw, ids, config={"w13": cfg, "w2": dict(cfg)})
     want = moe_ref.fused_moe(x.float(), w, tw, ids)
     assert rel_mean_err(want, got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
+
+
+def test_prefill_path_graph_capturable_gpu():
+    """The prefill dequant path (>= PREFILL_DEQUANT_ROWS rows per expert) has no host sync: CUDA-graph capture works
+    and replays to the eager result (vLLM captures batch sizes where Mixtral-like E=8, K=2 layers take this path)."""
+    from mxserve_kernels.moe.fused_moe import PREFILL_DEQUANT_ROWS
+    e, k, h, i = 8, 2, 1024, 512
+    t = PREFILL_DEQUANT_ROWS * e // k + 8
+    w = prepare_experts(*_experts(["int4_g128_asym", "int2_g128_asym", "bf16"], e, h, i, seed=9), hidden=h, inter=i)
+    tw, ids = make_routing(t, k, e, "random", device="cuda")
+    x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
+    eager = fused_moe(x, w, tw, ids)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe(x, w, tw, ids)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, eager, **BIT_EXACT)
+    want = moe_ref.fused_moe(x.float(), w, tw, ids)
+    assert rel_mean_err(want, eager.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
