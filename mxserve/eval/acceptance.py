@@ -5,7 +5,7 @@
 DIR is ``mxserve demo-model --out DIR`` (checkpoint + calib.txt + eval.txt). Writes one JSON object with, per
 budget, the true average bits and {ppl, kld, top1} of the uniform checkpoint (the issue's baseline: int2_g128_asym
 at 2.25, int3_g128_asym at 3.25, GPTQ) and of the mixed plan for each ``--variants`` entry (default: layer, none,
-mxmoe, kld, insample; also perlayer), and their KLD ratios; prints one ``RATIO`` line per ratio.
+sqrt, mxmoe, kld, insample; also perlayer), and their KLD ratios; prints one ``RATIO`` line per ratio.
 """
 from __future__ import annotations
 
@@ -34,13 +34,14 @@ def _quantize_and_compare(demo_p: pathlib.Path, dst: pathlib.Path, b: float, dev
 VARIANTS = {"layer": dict(sens_norm="layer"),                            # cross-layer, layer-normalised (default)
             "none": dict(sens_norm="none"),                              # cross-layer, raw squared norms
             "perlayer": dict(sens_norm="none", per_layer_budget=True),  # per-layer budget, squared norms
+            "sqrt": dict(sens_norm="sqrt"),                              # cross-layer, plain norms
             "mxmoe": dict(sens_norm="sqrt", per_layer_budget=True),     # MxMoE: plain norms, per-layer solve
             "kld": dict(sens_norm="kld"),                                # layers weighted by output-KL probe
             "insample": dict(sens_norm="layer", sens_holdout=False)}     # "layer" scored on its GPTQ fit tokens
 
 
 def measure(demo: str, bits: list[float], device: str | None, method: str = "gptq", samples: int = 128,
-            seq_len: int = 256, variants: tuple[str, ...] = ("layer", "none", "mxmoe", "kld", "insample"),
+            seq_len: int = 256, variants: tuple[str, ...] = ("layer", "none", "sqrt", "mxmoe", "kld", "insample"),
             candidates: list[str] | None = None) -> dict:
     """Quantize ``demo`` uniformly and mixed at each budget and compare both with the bf16 model.
 
@@ -86,8 +87,9 @@ def main(argv=None) -> int:
     ap.add_argument("--method", default="gptq")
     ap.add_argument("--device")
     ap.add_argument("--variants", choices=sorted(VARIANTS), nargs="+",
-                    default=["layer", "none", "mxmoe", "kld", "insample"],
-                    help="mixed-plan variants (layer: cross-layer with layer-normalised sensitivity; none: raw; "
+                    default=["layer", "none", "sqrt", "mxmoe", "kld", "insample"],
+                    help="mixed-plan variants (layer: cross-layer with layer-normalised sensitivity; none: raw; sqrt: plain "
+                         "norms; "
                          "perlayer: per-layer budget; mxmoe: per-layer budget with plain norms; kld: layers "
                          "weighted by an output-KL probe; insample: layer without hold-out scoring); the first is "
                          "the headline 'mixed' row")
