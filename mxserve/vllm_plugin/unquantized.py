@@ -13,8 +13,8 @@ from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbed
 from mxserve.vllm_plugin import weight_stats
 
 
-class CountedUnquantizedLinearMethod(UnquantizedLinearMethod):
-    """``UnquantizedLinearMethod`` that records the layer's bytes. Args: prefix (vLLM name), plan_cfg (MxMoEConfig)."""
+class _RecordsBytes:
+    """Mixin: after vLLM's own processing, record the layer's bytes. Args: prefix (vLLM name), plan_cfg."""
 
     def __init__(self, prefix: str, plan_cfg) -> None:
         super().__init__()
@@ -25,13 +25,9 @@ class CountedUnquantizedLinearMethod(UnquantizedLinearMethod):
         weight_stats.record_unquantized(self.prefix, layer, self.plan_cfg)
 
 
-class CountedUnquantizedEmbeddingMethod(UnquantizedEmbeddingMethod):
+class CountedUnquantizedLinearMethod(_RecordsBytes, UnquantizedLinearMethod):
+    """``UnquantizedLinearMethod`` that records the layer's bytes."""
+
+
+class CountedUnquantizedEmbeddingMethod(_RecordsBytes, UnquantizedEmbeddingMethod):
     """``UnquantizedEmbeddingMethod`` that records the table's bytes (a tied lm_head is counted once)."""
-
-    def __init__(self, prefix: str, plan_cfg) -> None:
-        super().__init__()
-        self.prefix, self.plan_cfg = prefix, plan_cfg
-
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        super().process_weights_after_loading(layer)
-        weight_stats.record_unquantized(self.prefix, layer, self.plan_cfg)

@@ -30,6 +30,7 @@ import sys
 import pytest
 
 from tests.tolerances import KLD_W8_MAX
+from tests.helpers.results import record_result
 
 pytestmark = pytest.mark.gpu
 
@@ -46,15 +47,7 @@ PROMPTS = ["import os\nimport sys\n\n\ndef main", "class Foo:\n    def __init__(
 _CAP_RE = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
 
 
-def _result(key: str, value) -> None:
-    path = os.environ.get("MXSERVE_TEST_JSON")
-    if not path:
-        return
-    d = json.load(open(path)) if os.path.exists(path) else {}
-    d[key] = value
-    with open(path + ".tmp", "w") as f:
-        json.dump(d, f, indent=1)
-    os.replace(path + ".tmp", path)
+_result = record_result
 
 
 def kv_capacity(log_text: str) -> int:

@@ -18,6 +18,7 @@ import json
 import os
 
 import pytest
+from tests.helpers.results import record_result
 import torch
 
 pytestmark = pytest.mark.gpu
@@ -36,15 +37,7 @@ PROMPTS = ["import os\nimport sys\n\n\ndef main():\n    ", "class Foo:\n    def 
            "for i in range(10):\n    print(", "def test_add():\n    assert add(1, 2) == "]
 
 
-def _result(key: str, value) -> None:
-    path = os.environ.get("MXSERVE_TEST_JSON")
-    if not path:
-        return
-    d = json.load(open(path)) if os.path.exists(path) else {}
-    d[key] = value
-    with open(path + ".tmp", "w") as f:
-        json.dump(d, f, indent=1)
-    os.replace(path + ".tmp", path)
+_result = record_result
 
 
 def int1_supported() -> tuple[bool, str]:

@@ -10,14 +10,13 @@ Run: ``pytest -m gpu tests/integration/test_vllm_serve.py`` (set MXSERVE_TEST_JS
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import pytest
 import torch
 
 from tests.tolerances import KLD_W8_MAX
+from tests.helpers.results import record_result
 
 pytestmark = pytest.mark.gpu
 
@@ -35,15 +34,7 @@ SNIPPETS = ["import os\nimport sys\n\n\ndef main", "class Foo:\n    def __init__
             "        print(", "    elif ", "        lines = ", "        data = json."]
 
 
-def _result(key: str, value) -> None:
-    path = os.environ.get("MXSERVE_TEST_JSON")
-    if not path:
-        return
-    d = json.load(open(path)) if os.path.exists(path) else {}
-    d[key] = value
-    with open(path + ".tmp", "w") as f:
-        json.dump(d, f, indent=1)
-    os.replace(path + ".tmp", path)
+_result = record_result
 
 
 @pytest.fixture(scope="module")
