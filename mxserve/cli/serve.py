@@ -92,9 +92,9 @@ def examples(host: str, port: int, name: str) -> str:
     """A working curl and ``openai`` client example for the served model."""
     h = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"http://{h}:{port}/v1"
-    body = json.dumps({"model": name, "messages": [{"role": "user", "content": "def fibonacci(n):"}],
-                       "max_tokens": 64, "temperature": 0})
-    return (f"\n  curl {base}/chat/completions -H 'Content-Type: application/json' -d '{body}'\n\n"
+    # the demo model is trained on Python sources, not chat: a code completion shows what it learned
+    body = json.dumps({"model": name, "prompt": "def fibonacci(n):\n", "max_tokens": 64, "temperature": 0})
+    return (f"\n  curl {base}/completions -H 'Content-Type: application/json' -d '{body}'\n\n"
             f"python - <<'PY'\nfrom openai import OpenAI\n"
             f"client = OpenAI(base_url=\"{base}\", api_key=\"EMPTY\")\n"
             f"stream = client.completions.create(model=\"{name}\", prompt=\"import os\\ndef \", max_tokens=64, "
