@@ -6,11 +6,14 @@ Cold L2 (``triton.testing.do_bench`` clears a 256 MB buffer before every rep), e
 when possible (so the numbers are GPU time, not Python launch overhead), copy bandwidth measured in the same run.
 Per (method, T): us, TFLOP/s (2*T*K*3*H*I flops), GB/s of weight bytes actually touched (experts with tokens) +
 activations, that GB/s as a fraction of copy bandwidth, and the ratio against every vLLM peer present.
-vLLM is imported lazily; without it only our methods run.
+The peers come from a provider named by ``--peers MODULE:FUNC`` (default ``mxserve.vllm_plugin.bench_peers:
+moe_peers``, which wraps vLLM's kernels): this package never imports vLLM itself, the provider is loaded only when
+asked for, and without it only our methods run.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import sys
@@ -28,6 +31,7 @@ from mxserve_kernels.moe.grouped_gemm import MODE_DOWN, MODE_GATE_UP, grouped_ge
 SHAPES = {"qwen3-30b-a3b": dict(E=128, H=2048, I=768, K=8), "mixtral-8x7b": dict(E=8, H=4096, I=14336, K=2),
           "qwen1.5-moe-a2.7b": dict(E=60, H=2048, I=1408, K=4), "olmoe": dict(E=64, H=2048, I=1024, K=8)}
 TOKENS = (1, 4, 16, 64, 256, 1024, 8192)
+DEFAULT_PEERS = "mxserve.vllm_plugin.bench_peers:moe_peers"
 # our methods: name -> scheme per expert (cycled); "mix2.5": 3/4 int2 + 1/4 int4 experts = 2.5 code bits
 OURS = {"ours_w4": ["int4_g128_asym"], "ours_w2": ["int2_g128_asym"], "ours_w8": ["int8_g128_sym"],
         "ours_w3": ["int3_g128_asym"], "ours_w1": ["int1_g128_asym"], "ours_bf16": ["bf16"],
@@ -119,53 +123,6 @@ def separate_launch_fn(w, x, tw, ids):
     return run
 
 
-def vllm_peers(e: int, h: int, i: int):
-    """Builders for vLLM 0.26 peers: name -> (make_fn(x, tw, ids) -> callable, weight bytes per expert)."""
-    from vllm.model_executor.layers.fused_moe import fused_experts
-    from vllm.model_executor.layers.fused_moe.config import (fp8_w8a8_moe_quant_config,
-                                                             int4_w4a16_moe_quant_config)
-    peers = {}
-    w1 = (torch.randn(e, 2 * i, h, device="cuda") * 0.02).to(torch.bfloat16)
-    w2 = (torch.randn(e, h, i, device="cuda") * 0.02).to(torch.bfloat16)
-    peers["vllm_bf16"] = (lambda x, tw, ids: (lambda: fused_experts(x, w1, w2, tw, ids)), 2 * 3 * h * i)
-    f8 = torch.float8_e4m3fn
-    s1 = torch.full((e,), 1e-3, device="cuda")
-    s2 = torch.full((e,), 1e-3, device="cuda")
-    w1f, w2f = (w1 * 1000).to(f8), (w2 * 1000).to(f8)
-    qf8 = fp8_w8a8_moe_quant_config(w1_scale=s1, w2_scale=s2, a1_scale=None, a2_scale=None)
-    peers["vllm_fp8_w8a8"] = (lambda x, tw, ids: (lambda: fused_experts(x, w1f, w2f, tw, ids, quant_config=qf8)),
-                              3 * h * i)
-    gs = 128
-    q1 = torch.randint(0, 256, (e, 2 * i, h // 2), dtype=torch.uint8, device="cuda")
-    q2 = torch.randint(0, 256, (e, h, i // 2), dtype=torch.uint8, device="cuda")
-    sc1 = torch.full((e, 2 * i, h // gs), 2e-3, dtype=torch.bfloat16, device="cuda")
-    sc2 = torch.full((e, h, i // gs), 2e-3, dtype=torch.bfloat16, device="cuda")
-    qw16 = int4_w4a16_moe_quant_config(w1_scale=sc1, w2_scale=sc2, w1_zp=None, w2_zp=None, block_shape=[0, gs])
-    peers["vllm_wna16_w4"] = (lambda x, tw, ids: (lambda: fused_experts(x, q1, q2, tw, ids, quant_config=qw16)),
-                              3 * h * i // 2 + 3 * h * i // gs * 2)
-    peers["vllm_marlin_w4"] = _marlin_peer(e, h, i, gs)
-    return peers
-
-
-def _marlin_peer(e: int, h: int, i: int, gs: int):
-    from vllm.model_executor.layers.fused_moe.experts.marlin_moe import fused_marlin_moe
-    from vllm.model_executor.layers.quantization.utils.marlin_utils_test import marlin_quantize
-    from vllm.scalar_type import scalar_types
-    qt = scalar_types.uint4b8
-
-    def one(n, k):  # GPTQ-format random weight [K, N] -> marlin tensors, replicated over experts
-        w = (torch.randn(k, n, device="cuda") * 0.02).to(torch.bfloat16)
-        _, qw, s, _, _, _ = marlin_quantize(w, qt, gs, act_order=False)
-        return (torch.stack([qw] * e).contiguous(), torch.stack([s] * e).contiguous())
-    qw1, s1 = one(2 * i, h)
-    qw2, s2 = one(h, i)
-
-    def make(x, tw, ids):
-        return lambda: fused_marlin_moe(x, qw1, qw2, None, None, s1, s2, tw, ids, quant_type_id=qt.id,
-                                        global_num_experts=e)
-    return make, 3 * h * i // 2 + 3 * h * i // gs * 2
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", required=True, help="write results here (atomic)")
@@ -174,6 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--methods", default=",".join(OURS), help="our methods to run")
     ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM peers")
+    ap.add_argument("--peers", default=DEFAULT_PEERS,
+                    help="MODULE:FUNC returning ({name: (make_fn(x, tw, ids) -> callable, bytes/expert)}, version)")
     ap.add_argument("--no-graph", action="store_true", help="time eagerly (includes launch overhead)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -191,9 +150,8 @@ def main(argv=None) -> int:
     peers = {}
     if not args.no_vllm:
         try:
-            import vllm
-            env["vllm"] = vllm.__version__
-            peers = vllm_peers(e, h, i)
+            mod, func = args.peers.split(":")
+            peers, env["vllm"] = getattr(importlib.import_module(mod), func)(e, h, i)
         except Exception as exc:
             print(f"vLLM peers unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
     ours = {m: build_ours(OURS[m], e, h, i) for m in args.methods.split(",")}
