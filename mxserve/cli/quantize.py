@@ -34,6 +34,10 @@ def add_parser(sub) -> None:
                    help="score sensitivity on the tokens GPTQ was fitted on (default: held-out half)")
     p.add_argument("--per-layer-budget", action="store_true",
                    help="every layer meets --bits on its own (MxMoE per-layer solve) instead of the model average")
+    p.add_argument("--hadamard", action="store_true",
+                   help="rotate attention v_proj/o_proj per head by a randomised Hadamard before quantizing them "
+                        "(exact offline, no runtime op; needs --attn-bits and a power-of-two head_dim; experts "
+                        "are never rotated: docs/quantization.md)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--samples", type=int, default=128, help="calibration sequences")
     p.add_argument("--seed", type=int, default=0)
@@ -66,7 +70,8 @@ def run(args) -> int:
                             cost_weight=args.cost_weight, clip_search=args.clip_search, force=args.force,
                             candidates=args.candidates.split(",") if args.candidates else None,
                             sens_norm=args.sens_norm, per_layer_budget=args.per_layer_budget,
-                            sens_holdout=args.sens_holdout, synthetic=synthetic)
+                            sens_holdout=args.sens_holdout, synthetic=synthetic,
+                            hadamard=args.hadamard)
     if args.json:
         print(json.dumps(s, indent=1))
     else:

@@ -19,6 +19,7 @@ from mxserve.quant.allocator import BitPlan, allocate, average_bits, uniform_sch
 from mxserve.quant.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, calibration_ids
 from mxserve.quant.expert_quant import QuantOptions, quantize_stack, split_rows
 from mxserve.quant.gptq.driver import LayerDriver
+from mxserve.quant.hadamard import can_rotate, rotate_layer_attention
 from mxserve.quant.router_stats import RouterStats
 from mxserve.quant.sensitivity import block_errors
 from mxserve_kernels.formats import BF16, INT_BITS, WeightScheme
@@ -95,6 +96,7 @@ class _Job:
         self.stats = RouterStats()
         self.layer_energy: dict[int, float] = {}
         self.holdout = True
+        self.hadamard, self.seed, self.rotated = False, 0, []
 
     # ---- names ----------------------------------------------------------------------------------------------
     def dense_targets(self, layer_mod, l: int) -> dict[str, tuple[str, WeightScheme]]:
@@ -171,12 +173,24 @@ class _Job:
         return sens, numel, times
 
     # ---- pass 2 ---------------------------------------------------------------------------------------------
+    def rotate(self, layer, l: int, dense: dict) -> dict[str, torch.Tensor]:
+        """``--hadamard``: rotate this layer's v_proj/o_proj pair in place (exact, see ``hadamard.py``) when both
+        are quantized; returns the fp32 rotated tensors by in-memory name ({} when nothing was rotated)."""
+        if not self.hadamard:
+            return {}
+        hd = getattr(getattr(layer, "self_attn", None), "head_dim", 0)
+        if not can_rotate(layer, hd, set(dense)):
+            return {}
+        self.rotated.append(l)
+        return rotate_layer_attention(layer, hd, self.seed + l)
+
     def quantize(self, drv: LayerDriver, plan: BitPlan, writer: AtomicCheckpointWriter) -> dict[str, WeightScheme]:
         modules: dict[str, WeightScheme] = {}
         a = self.arch
         for l in _progress(range(self.geo["layers"]), "quantize", self.progress):
             layer = drv.open_layer(l)
             dense = self.dense_targets(layer, l)
+            rot = self.rotate(layer, l, dense)
             need_h = self.opts.method == "gptq"
             moe = self.is_moe(layer)
             data = drv.collect(l, list(dense), hessians=need_h)
@@ -186,9 +200,13 @@ class _Job:
             for name, (hub, scheme) in dense.items():
                 mod = dict(layer.named_modules())[name]
                 hh = data.dense_h.get(name)
-                dq, tens = quantize_stack(mod.weight.float().unsqueeze(0), None if hh is None else hh.unsqueeze(0),
+                w = rot.get(name, mod.weight).float()   # fp32 rotated weight when rotated (no bf16 rounding)
+                dq, tens = quantize_stack(w.unsqueeze(0), None if hh is None else hh.unsqueeze(0),
                                           scheme, self.opts)
                 self._write(writer, hub, tens[0])
+                if mod.bias is not None:   # the bias of a quantized linear stays float (rotated with v_proj)
+                    dt = self.ckpt.tensor(f"{hub}.bias").dtype
+                    writer.add(f"{hub}.bias", rot.get(f"{name}.bias", mod.bias).detach().to("cpu", dt))
                 drv.set_dense_weight(l, name, dq[0])
                 modules[hub] = scheme
                 written.add(hub)
@@ -256,7 +274,7 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
                         seq_len: int = DEFAULT_SEQ_LEN, n_samples: int = DEFAULT_SAMPLES, cost_weight: float = 0.0,
                         clip_search: bool = False, force: bool = False, candidates: list[str] | None = None,
                         sens_norm: str = "layer", per_layer_budget: bool = False, sens_holdout: bool = True,
-                        synthetic=None,
+                        synthetic=None, hadamard: bool = False,
                         sens_cache: dict | None = None) -> dict:
     """Quantize an HF MoE checkpoint; writes ``dst`` atomically and returns a summary dict.
 
@@ -278,6 +296,9 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
             that ``mxserve.models.tiny`` preset are generated layer by layer on the device (timing runs; nothing
             bf16 touches the disk).
         device: "cpu", "cuda", ... (default: cuda when available).
+        hadamard: rotate each layer's attention v_proj/o_proj pair per head by a randomised Hadamard before
+            quantizing them (exact offline, no runtime op; needs ``attn_bits`` and a power-of-two head_dim; experts
+            and q/k are never rotated: see ``mxserve.quant.hadamard``).
     Returns:
         summary: {"dst", "avg_bits", "histogram", "timings", ...} (also stored under quantization_config.meta).
     """
@@ -311,6 +332,9 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
                                       n_samples=n_samples, seed=seed)
     job = _Job(ckpt, opts, cands, attn_scheme, shared_scheme, device, progress)
     job.holdout = sens_holdout
+    if hadamard and attn_scheme is None:
+        raise ValueError("--hadamard rotates the attention v_proj/o_proj pair: it needs --attn-bits (< 16)")
+    job.hadamard, job.seed = hadamard, seed
     timings = {}
     geo = ckpt.geometry
     with AtomicCheckpointWriter(dst, force=force) as writer:
@@ -376,6 +400,8 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
                               "sens_norm": sens_norm, "per_layer_budget": per_layer_budget,
                               "sens_holdout": sens_holdout,
                               "candidates": [c.name for c in cands]},
+                "hadamard": {"enabled": hadamard, "pairs": "self_attn.v_proj/o_proj per head",
+                             "layers": job.rotated},
                 "histogram": hist, "router_stats": job.stats.to_dict()}
         qc = MxMoEConfig(default_scheme=BF16, modules=modules, experts=experts, meta=meta)
         config = dict(ckpt.config, quantization_config=qc.to_dict())
