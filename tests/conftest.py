@@ -69,3 +69,18 @@ def vllm_cpu():
                                      distributed_init_method=f"tcp://127.0.0.1:{free_port()}")
         initialize_model_parallel(1)
         yield cfg
+
+
+@pytest.fixture(autouse=True)
+def _fresh_forward_context(request):
+    """Tests that build vLLM layers on the shared CPU config register layer names in its static forward context;
+    drop what a test added so the next test may reuse ``model.layers.N...`` names (vLLM rejects duplicates)."""
+    if "vllm_cpu" not in request.fixturenames:
+        yield
+        return
+    from vllm.config import get_current_vllm_config
+    ctx = get_current_vllm_config().compilation_config.static_forward_context
+    before = set(ctx)
+    yield
+    for name in set(ctx) - before:
+        del ctx[name]
