@@ -21,7 +21,14 @@ try:
 except ImportError:  # pragma: no cover - Triton is a hard dependency on GPU hosts
     HAS_TRITON = False
 
-BLOCK = 1024  # elements (codes or bytes) per program
+TILE = 4096  # elements (codes or bytes) per program: BLOCK_N rows x BLOCK columns
+
+
+def _grid(n: int, cols: int) -> tuple[tuple[int, int], dict]:
+    """Grid and tile constexprs for an [n, cols] output: BLOCK = pow2 >= cols (<= 1024), BLOCK_N fills TILE."""
+    block = min(1024, triton.next_power_of_2(cols))
+    block_n = min(triton.next_power_of_2(n), TILE // block)
+    return (triton.cdiv(n, block_n), triton.cdiv(cols, block)), dict(BLOCK_N=block_n, BLOCK=block)
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -60,8 +67,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if out.numel() == 0:
         return out
     c = codes.contiguous()
-    _k.pack_kernel[(n, triton.cdiv(nbytes, BLOCK))](c, out, k, nbytes, c.stride(0), out.stride(0),
-                                                    BITS=int(bits), BLOCK=BLOCK)
+    grid, tile = _grid(n, nbytes)
+    _k.pack_kernel[grid](c, out, n, k, nbytes, c.stride(0), out.stride(0), BITS=int(bits), **tile)
     return out
 
 
@@ -85,7 +92,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     if out.numel() == 0:
         return out
     p = packed.contiguous()
-    _k.unpack_kernel[(n, triton.cdiv(k, BLOCK))](p, out, k, p.stride(0), out.stride(0), BITS=int(bits), BLOCK=BLOCK)
+    grid, tile = _grid(n, k)
+    _k.unpack_kernel[grid](p, out, n, k, p.stride(0), out.stride(0), BITS=int(bits), **tile)
     return out
 
 
@@ -93,9 +101,12 @@ def _get(tensors: dict, name: str, shape: tuple[int, int], dtype: torch.dtype | 
     t = tensors.get(name)
     if t is None:
         raise ValueError(f"dequantize: tensors[{name!r}] is missing")
-    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
-        got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"dequantize: tensors[{name!r}] must be {dtype or 'float'} {list(shape)}, got {got}")
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"dequantize: tensors[{name!r}] must be a tensor, got {type(t).__name__}")
+    bad_dtype = t.dtype != dtype if dtype is not None else not t.dtype.is_floating_point
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or bad_dtype:
+        raise ValueError(f"dequantize: tensors[{name!r}] must be {dtype or 'float'} {list(shape)}, "
+                         f"got {t.dtype} {list(t.shape)}")
     if t.device != device:
         raise ValueError(f"dequantize: tensors[{name!r}] is on {t.device}, expected {device} (as 'qweight')")
     return t.contiguous()
@@ -124,26 +135,26 @@ def dequantize(scheme: WeightScheme, tensors: dict[str, torch.Tensor], k: int,
         raise ValueError("dequantize: tensors['qweight'] must be a 2-D uint8 tensor")
     n = qw.shape[0]
     scheme.check_shape(n, k, where="dequantize")
-    if not _use_triton(qw):
-        return _ref.dequantize(scheme, tensors, k, out_dtype)
     g = scheme.group_size
     base_bits = NESTED_BASE_BITS if scheme.nested else scheme.bits
-    sdt = _ref.scale_torch_dtype(scheme)
     qw = _get(tensors, "qweight", (n, k * base_bits // 8), torch.uint8, qw.device)
-    sc = _get(tensors, "scales", (n, k // g), sdt, qw.device)
-    zr = sc if scheme.symmetric else _get(tensors, "zeros", (n, k // g), sdt, qw.device)
+    sc = _get(tensors, "scales", (n, k // g), None, qw.device)
+    zr = sc if scheme.symmetric else _get(tensors, "zeros", (n, k // g), None, qw.device)
     nplanes = scheme.bits - NESTED_BASE_BITS if scheme.nested else 0
     pw = [_get(tensors, f"plane{p}_weight", (n, k // 8), torch.uint8, qw.device)
           for p in range(NESTED_BASE_BITS + 1, NESTED_BASE_BITS + 1 + nplanes)]
-    ps = [_get(tensors, f"plane{p}_scales", (n, k // g), sdt, qw.device)
+    ps = [_get(tensors, f"plane{p}_scales", (n, k // g), None, qw.device)
           for p in range(NESTED_BASE_BITS + 1, NESTED_BASE_BITS + 1 + nplanes)]
+    if not _use_triton(qw):
+        return _ref.dequantize(scheme, tensors, k, out_dtype)
     pw, ps = pw + [qw] * (2 - nplanes), ps + [sc] * (2 - nplanes)  # unused slots: any valid pointer
     out = torch.empty((n, k), dtype=out_dtype, device=qw.device)
     if out.numel() == 0:
         return out
     bf16 = out_dtype == torch.bfloat16
-    _k.dequant_kernel[(n, triton.cdiv(k, BLOCK))](
-        out.view(torch.int16) if bf16 else out, qw, sc, zr, pw[0], ps[0], pw[1], ps[1], k, out.stride(0), qw.stride(0), sc.stride(0),
-        pw[0].stride(0) if nplanes else 0, BITS=base_bits, G=g, SYMMETRIC=scheme.symmetric, NPLANES=nplanes,
-        ROUND_BF16=bf16, BLOCK=BLOCK)
+    grid, tile = _grid(n, k)
+    _k.dequant_kernel[grid](
+        out.view(torch.int16) if bf16 else out, qw, sc, zr, pw[0], ps[0], pw[1], ps[1], n, k,
+        out.stride(0), qw.stride(0), sc.stride(0), pw[0].stride(0) if nplanes else 0, BITS=base_bits, G=g, SYMMETRIC=scheme.symmetric, NPLANES=nplanes,
+        ROUND_BF16=bf16, **tile)
     return out
