@@ -5,4 +5,4 @@ GEMM). Bit-exact canonical pack/unpack/dequantize oracle in ``quant.reference``;
 from mxserve_kernels.quant.linear import LinearWeights, dequant_linear, prepare_linear
 from mxserve_kernels.quant.pack import dequantize, pack_codes, unpack_codes
 
-__all__ = ["LinearWeights", "dequant_linear", "prepare_linear", "dequantize", "pack_codes", "unpack_codes"]
+__all__ = ["LinearWeights", "dequant_linear", "dequantize", "pack_codes", "prepare_linear", "unpack_codes"]

@@ -28,7 +28,7 @@ def _grid(n: int, cols: int) -> tuple[tuple[int, int], dict]:
     """Grid and tile constexprs for an [n, cols] output: BLOCK = pow2 >= cols (<= 1024), BLOCK_N fills TILE."""
     block = min(1024, triton.next_power_of_2(cols))
     block_n = min(triton.next_power_of_2(n), TILE // block)
-    return (triton.cdiv(n, block_n), triton.cdiv(cols, block)), dict(BLOCK_N=block_n, BLOCK=block)
+    return (triton.cdiv(n, block_n), triton.cdiv(cols, block)), {"BLOCK_N": block_n, "BLOCK": block}
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -102,9 +102,9 @@ def _get(tensors: dict, name: str, shape: tuple[int, int], dtype: torch.dtype | 
     if t is None:
         raise ValueError(f"dequantize: tensors[{name!r}] is missing")
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"dequantize: tensors[{name!r}] must be a tensor, got {type(t).__name__}")
+        raise ValueError(f"dequantize: tensors[{name!r}] must be a tensor, got {type(t).__name__}")  # noqa: TRY004
     bad_dtype = t.dtype != dtype if dtype is not None else not t.dtype.is_floating_point
-    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or bad_dtype:
+    if tuple(t.shape) != shape or bad_dtype:
         raise ValueError(f"dequantize: tensors[{name!r}] must be {dtype or 'float'} {list(shape)}, "
                          f"got {t.dtype} {list(t.shape)}")
     if t.device != device:

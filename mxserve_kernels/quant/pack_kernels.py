@@ -28,7 +28,7 @@ def _bf16_rtne_bits(x):
     """fp32 -> bf16 bit pattern (int16), round to nearest even; NaN -> canonical quiet NaN."""
     xi = x.to(tl.uint32, bitcast=True)
     r = (xi + 0x7FFF + ((xi >> 16) & 1)) >> 16
-    r = tl.where(x != x, 0x7FC0, r)
+    r = tl.where((xi & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
     return r.to(tl.uint16).to(tl.int16, bitcast=True)
 
 

@@ -86,7 +86,8 @@ def test_triton_pack_kernels_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "interp_",
-                           os.path.abspath(__file__)], env=env, capture_output=True, text=True, cwd=root, timeout=300)
+                           os.path.abspath(__file__)], check=False, env=env, capture_output=True, text=True, cwd=root,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout and " failed" not in proc.stdout
 
