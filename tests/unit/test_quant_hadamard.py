@@ -10,9 +10,13 @@ import torch
 
 from mxserve.checkpoint.hf_model import load_model
 from mxserve.checkpoint.reader import HFCheckpoint
-from mxserve.quant.primitives import quantize_rtn
 from mxserve.quant.hadamard import (
-    hadamard_matrix, random_hadamard, rotate_layer_attention, rotate_vo)
+    hadamard_matrix,
+    random_hadamard,
+    rotate_layer_attention,
+    rotate_vo,
+)
+from mxserve.quant.primitives import quantize_rtn
 from mxserve_kernels.formats import WeightScheme
 from tests.tolerances import GEMM, SQNR_DB_MIN, sqnr_db
 
