@@ -107,8 +107,8 @@ def test_rotation_gains_on_outlier_columns():
 
 def test_quantize_checkpoint_hadamard(tiny, tmp_path):
     from mxserve.quant.api import quantize_checkpoint
-    kw = dict(bits=4.25, calib=None, method="gptq", attn_bits=8, group_size=32, uniform=True, device="cpu",
-              progress=False, seq_len=32, n_samples=4)
+    kw = {"bits": 4.25, "calib": None, "method": "gptq", "attn_bits": 8, "group_size": 32, "uniform": True,
+          "device": "cpu", "progress": False, "seq_len": 32, "n_samples": 4}
     with pytest.raises(ValueError, match="--attn-bits"):
         quantize_checkpoint(tiny, tmp_path / "x", **{**kw, "attn_bits": None}, hadamard=True)
     quantize_checkpoint(tiny, tmp_path / "h", **kw, hadamard=True)
