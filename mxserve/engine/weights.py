@@ -13,8 +13,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from mxserve.checkpoint.reader import HFCheckpoint
 from mxserve.config.quant_config import QUANT_METHOD, MxMoEConfig
 from mxserve_kernels.formats import NESTED_BASE_BITS, WeightScheme, tensor_names
 from mxserve_kernels.quant.reference import dequantize
@@ -65,24 +65,14 @@ class CheckpointReader:
         self.quant = quant
         self.dtype = dtype
         self.weight_bytes: dict[str, int] = defaultdict(int)
-        files = sorted(self.dir.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{self.dir}: no *.safetensors weight files")
-        self._where: dict[str, Path] = {}
-        self._handles = {f: safe_open(str(f), framework="pt") for f in files}
-        for f, h in self._handles.items():
-            for k in h.keys():
-                self._where[k] = f
+        self._ckpt = HFCheckpoint(self.dir)  # the one safetensors-directory reader (index or single file)
 
     def has(self, name: str) -> bool:
-        return name in self._where
+        return self._ckpt.has(name)
 
     def raw(self, name: str) -> torch.Tensor:
-        """One stored tensor as saved (no dtype change); KeyError naming tensor and directory if missing."""
-        f = self._where.get(name)
-        if f is None:
-            raise KeyError(f"{self.dir}: checkpoint has no tensor {name!r}")
-        return self._handles[f].get_tensor(name)
+        """One stored tensor as saved (no dtype change); ValueError naming tensor and directory if missing."""
+        return self._ckpt.tensor(name)
 
     def get(self, name: str, account: str | None = "bf16") -> torch.Tensor:
         """A plain tensor cast to the compute dtype; its stored bytes are counted under ``account``."""
