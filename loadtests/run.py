@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import sys
-import tempfile
 import time
 
 import httpx
@@ -24,6 +22,7 @@ import httpx
 from loadtests.client import RequestResult, build_body, stream_request
 from loadtests.report import markdown, plot_latency_vs_load, summarize
 from loadtests.scenario import Scenario, load_scenario, load_slo
+from mxserve.io import write_json_atomic
 
 
 async def discover_model(client: httpx.AsyncClient) -> str:
@@ -98,12 +97,7 @@ async def run(base_url: str, sc: Scenario, duration_s: float, model: str | None 
 
 def write_json(obj: dict, path: str) -> None:
     """Atomic JSON write (temp file then rename)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(path, obj)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from mxserve.io import write_json_atomic
+
 VARIANTS = ("bf16", "fp8", "gptq_w4", "mxmoe_w4", "mxmoe_mix25")
 _TPUT_RE = re.compile(r"Throughput: ([\d.]+) requests/s, ([\d.]+) total tokens/s, ([\d.]+) output tokens/s")
 _MEM_RE = re.compile(r"Model loading took ([\d.]+) GiB")
@@ -291,10 +293,7 @@ def run(a) -> int:
         out = {"preset": a.preset, "layers": a.layers, "input_len": a.input_len, "output_len": a.output_len,
                "batch_sizes": batch_sizes, "runner": a.runner, "results": results,
                "targets": targets(results, batch_sizes), "wall_s": round(time.time() - t0, 1)}
-        tmp = a.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, a.json)
+        write_json_atomic(a.json, out)
     md = markdown_rows(results, batch_sizes, label)
     md += "".join(f"\n- {k}: {t['value']:.2f} (target {t['target']}) {'OK' if t['ok'] else 'MISSED'}"
                   for k, t in out["targets"].items()) + "\n"

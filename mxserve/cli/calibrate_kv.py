@@ -3,9 +3,9 @@ into ``config.json``'s ``quantization_config["kv"]`` (creating an mxmoe config w
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import tempfile
+
+from mxserve.io import write_json_atomic
 
 
 def add_parser(sub) -> None:
@@ -44,10 +44,7 @@ def write_kv(model_dir: pathlib.Path, kv: dict) -> None:
     MxMoEConfig.from_dict(qc)  # refuse to edit a foreign / malformed quantization_config
     qc["kv"] = kv
     cfg["quantization_config"] = qc
-    fd, tmp = tempfile.mkstemp(prefix=".config.json.", dir=str(model_dir))
-    with os.fdopen(fd, "w") as f:
-        json.dump(cfg, f, indent=1)
-    os.replace(tmp, cfg_path)
+    write_json_atomic(cfg_path, cfg)
 
 
 def run(args) -> int:

@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import pathlib
-import tempfile
 from typing import Callable
 
 import torch
 
 from mxserve_kernels.attention import reference as R
+from mxserve.io import write_json_atomic
 
 _ATTN_NAME = "mxserve_kv_quality"
 QDQ = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -310,12 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:34s} bits {r['bits']:7.4f}  KLD {r['kld']:.5f}  top1 {r['top1_agree']:.3f}  ppl {r['ppl']:8.3f}"
               f"  recall tok {rt['token_recall']:.3f} exact {rt['exact_recall']:.3f} lp {rt['value_logprob']:.3f}")
     if a.json:
-        path = pathlib.Path(a.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-        with os.fdopen(fd, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, path)
+        write_json_atomic(a.json, res)
     return 0
 
 

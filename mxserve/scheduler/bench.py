@@ -28,6 +28,7 @@ import torch
 from mxserve.scheduler.config import OffloadConfig
 from mxserve.scheduler.layout import LEVELS, PlaneLayout, qwen3_30b_a3b_layout
 from mxserve.scheduler.traces import synth_trace
+from mxserve.io import write_json_atomic
 
 _DT = {"uint8": torch.uint8, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -127,15 +128,6 @@ def run_case(layout, geo, cfg, tr, steps: int, warmup: int, arena=None, device: 
             "stall_fraction": stall / wall, "h2d_gbytes": moved / 1e9, "h2d_gbps": moved / busy / 1e9 if busy else 0.0,
             "hit_rate": hits / max(hits + misses, 1), "plane_mix": mix, "slots": cache.S,
             "budget_gib": cache.S * layout.slot_bytes / 2**30}
-
-
-def _write_json(path: str, res: dict) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _case_order(budgets: list[float], cases: list[tuple]) -> list[tuple[float, tuple]]:
@@ -244,11 +236,11 @@ def main(argv=None) -> int:
             r["vs_all_resident"] = r["tok_per_s"] / ref if ref else None
         res["summary"] = _summary(res)
         res["total_seconds"] = time.perf_counter() - t_start
-        _write_json(args.json, res)
+        write_json_atomic(args.json, res)
         print(json.dumps(row), flush=True)
     res["total_seconds"] = time.perf_counter() - t_start
     res["summary"] = _summary(res)
-    _write_json(args.json, res)
+    write_json_atomic(args.json, res)
     print(json.dumps({"summary": res["summary"], "skipped": res["skipped"], "total_seconds": res["total_seconds"]}),
           flush=True)
     if args.png:

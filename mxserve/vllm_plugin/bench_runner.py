@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import time
+
+from mxserve.io import write_json_atomic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,10 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     startup = time.perf_counter() - t0
     res = measure(llm, a)
     res.update(startup_s=startup, engine_kwargs={k: v for k, v in kwargs.items() if k not in ("model", "tokenizer")})
-    tmp = a.json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, a.json)
+    write_json_atomic(a.json, res)
     return 0
 
 

@@ -30,6 +30,7 @@ import sys
 import pytest
 
 from tests.tolerances import KLD_W8_MAX
+from tests.helpers.logprobs import mean_prompt_kld
 from tests.helpers.results import record_result
 
 pytestmark = pytest.mark.gpu
@@ -145,14 +146,9 @@ def test_capacity_vs_bf16(bf16_run, kv_run):
 
 
 def test_prefill_matches_bf16(bf16_run, kv_run):
-    klds = []
-    for ps, qs in zip(bf16_run["prompt_lp"], kv_run["prompt_lp"]):
-        for p, q in zip(ps, qs):
-            floor = min(q.values())
-            klds.append(sum(math.exp(lp) * (lp - q.get(t, floor)) for t, lp in p.items()))
-    kld = sum(klds) / len(klds)
+    kld, n = mean_prompt_kld(bf16_run["prompt_lp"], kv_run["prompt_lp"])
     _result("kv_prefill_kld_vs_bf16", kld)
-    assert kld <= KLD_W8_MAX, f"prefill (full precision) KLD(bf16 || ours) = {kld:.2e} over {len(klds)} positions"
+    assert kld <= KLD_W8_MAX, f"prefill (full precision) KLD(bf16 || ours) = {kld:.2e} over {n} positions"
 
 
 def test_greedy_decode_well_formed_and_close(bf16_run, kv_run):

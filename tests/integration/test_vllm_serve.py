@@ -10,12 +10,12 @@ Run: ``pytest -m gpu tests/integration/test_vllm_serve.py`` (set MXSERVE_TEST_JS
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
 from tests.tolerances import KLD_W8_MAX
+from tests.helpers.logprobs import mean_prompt_kld
 from tests.helpers.results import record_result
 
 pytestmark = pytest.mark.gpu
@@ -88,14 +88,9 @@ def prompt_ids(checkpoints):
 
 
 def test_w8_kld_vs_bf16(ref_logprobs):
-    klds = []
-    for ps, qs in zip(ref_logprobs["bf16"], ref_logprobs["w8"]):
-        for p, q in zip(ps, qs):
-            floor = min(q.values())
-            klds.append(sum(math.exp(lp) * (lp - q.get(t, floor)) for t, lp in p.items()))
-    kld = sum(klds) / len(klds)
+    kld, n = mean_prompt_kld(ref_logprobs["bf16"], ref_logprobs["w8"])
     _result("kld_w8_vs_bf16", kld)
-    assert kld <= KLD_W8_MAX, f"mean KLD(bf16 || mxmoe W8) = {kld:.2e} over {len(klds)} positions"
+    assert kld <= KLD_W8_MAX, f"mean KLD(bf16 || mxmoe W8) = {kld:.2e} over {n} positions"
 
 
 def test_chat_completion(w4):
