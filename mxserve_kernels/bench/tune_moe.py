@@ -40,8 +40,10 @@ def candidates(rows_per_expert: float, quick: bool):
     for bm, bn, bk, nw, ns in itertools.product(space["bm"], space["bn"], space["bk"], space["nw"], space["ns"]):
         yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
     if rows_per_expert <= 4:  # FMA K loop (no tensor cores): BLOCK_M 4 or 8 rows, fp32 broadcast-multiply-add
-        for bm, bn in ((4, 32), (8, 32)) if quick else ((4, 32), (8, 32), (4, 64), (8, 16)):
-            yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=16, num_warps=4, num_stages=3, FMA=1)
+        # BLOCK_M 1/2: one program per routed row (no FMA lanes wasted on padding rows; weights re-read from L2)
+        for bm in ((1, 2, 4, 8) if rows_per_expert <= 2 else (2, 4, 8)):
+            for bn in ((32, 64) if quick else (16, 32, 64)):
+                yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=16, num_warps=4, num_stages=3, FMA=1)
 
 
 def tune_shape(model: str, tokens: list[int], quick: bool) -> dict:

@@ -32,16 +32,23 @@ def _dot(a, w, acc, IS_FP32: tl.constexpr):
 
 
 @triton.jit
+def _code_f32(q):
+    """Exact fp32 value of small non-negative int32 codes (q < 2^23) without the I2F conversion (a quarter-rate
+    pipe on sm90): OR the code into the mantissa of 2^23 (0x4B000000), reinterpret, subtract 2^23 (exact)."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def _dq(words, s, z, p0, sp0, p1, sp1, psh, J, KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr):
     """fp32 weights of code slot J: ``q * s + z`` (+ high bit for int3, + signed planes for nested)."""
     q = (words >> (J * BITS)) & ((1 << BITS) - 1)
     if KIND == 3:
         q = q | (((p0 >> (psh + J)) & 1) << 2)
-    w = q.to(tl.float32) * s + z
+    w = _code_f32(q) * s + z
     if KIND == 4:
-        w = w + (((p0 >> (psh + J)) & 1).to(tl.float32) * 2.0 - 1.0) * sp0
+        w = w + tl.where(((p0 >> (psh + J)) & 1) != 0, sp0, -sp0)
         if NP == 2:
-            w = w + (((p1 >> (psh + J)) & 1).to(tl.float32) * 2.0 - 1.0) * sp1
+            w = w + tl.where(((p1 >> (psh + J)) & 1) != 0, sp1, -sp1)
     return w
 
 

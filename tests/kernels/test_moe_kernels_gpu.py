@@ -121,7 +121,7 @@ def test_dequant_bf16_prefill_path_bit_exact_gpu():
             torch.testing.assert_close(dequant_expert(d, e), want, **BIT_EXACT)
 
 
-@pytest.mark.parametrize("block_m", [4, 8])
+@pytest.mark.parametrize("block_m", [1, 2, 4, 8])
 def test_fused_moe_fma_config_gpu(block_m):
     """The FMA K loop the tuner may pick for decode (BLOCK_M < 16) vs the reference, every kind, Qwen3 shapes."""
     e, h, i = len(MIX), 2048, 768

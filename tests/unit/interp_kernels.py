@@ -125,7 +125,7 @@ def test_dequant_bf16_prefill_path(schemes):
     assert rel_mean_err(want, got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
 
 
-@pytest.mark.parametrize("block_m", [4, 16])
+@pytest.mark.parametrize("block_m", [1, 4, 16])
 def test_fused_moe_fma_config(block_m):
     """The FMA K loop (decode configs, BLOCK_M < 16 allowed) matches the reference for every kind incl. bf16."""
     schemes = ALL_SCHEMES[:8]
