@@ -53,7 +53,7 @@ class SlotView:
     upper_slot: np.ndarray
 
     def expert_tensors(self, expert: int) -> dict[str, torch.Tensor]:
-        """Canonical tensor views (planes 2..run_level) of a routed expert, for reference paths and tests."""
+        """Canonical tensors (copies) of planes 2..run_level of a routed expert, for reference paths and tests."""
         lv = int(self.run_level[expert])
         if lv < BASE:
             raise ValueError(f"SlotView: expert {expert} is not routed in layer {self.layer}")

@@ -4,7 +4,15 @@ An expert has two projections, ``gate_up`` ``[2I, H]`` and ``down`` ``[H, I]`` (
 scheme of ``mxserve_kernels.formats`` (int2 asym base + 1-bit residual planes 3 and 4). Its bytes split into
 *planes* ("levels"): level 2 = the base (``qweight, scales, zeros`` of both projections), level p in (3, 4) =
 ``plane{p}_weight, plane{p}_scales`` of both projections. A plane is one contiguous blob; each tensor inside starts
-at a ``ALIGN``-byte offset (vector loads in the GroupGEMM).
+at a ``ALIGN``-byte offset (vector loads in the GroupGEMM), except ``zeros``, which directly follows ``scales``.
+
+Blobs hold the GroupGEMM's runtime layout (``mxserve_kernels/_common/layout.py``), not the canonical one, so the
+GPU slot pool IS the kernel's ``qw / pw / meta`` buffer (``mxserve_kernels.moe.slot_weights``): a canonical
+``[N, C]`` uint8 tensor (``qweight``, ``plane{p}_weight``) is stored as K-major int32 words ``[C/4, N]``, a
+canonical ``[N, K/G]`` scale / zero tensor as ``[K/G, N]``; ``scales`` + ``zeros`` form the kernel's ``meta``
+``[2, K/G, N]``. ``TensorSpec`` keeps the canonical name / dtype / shape (what ``write_expert`` takes) and gives the
+stored ``kernel_shape`` / ``kernel_dtype``. Planes 3 and 4 have the same internal layout, so in an upper slot plane 4
+of every tensor is exactly ``plane_bytes[3]`` bytes after plane 3 (the kernel's PWSTEP / PMSTEP).
 
 GPU slots are all ``slot_bytes`` long and hold either a base blob (at offset 0) or an *upper* blob: plane 3 at
 offset 0 and plane 4 at ``upper_offset[4]``. With 16-bit scales a base is exactly as large as planes 3 + 4, so one
@@ -39,6 +47,17 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return self.shape[0] * self.shape[1] * (1 if self.dtype == "uint8" else 2)
+
+    @property
+    def kernel_dtype(self) -> str:
+        """Stored dtype: packed codes as int32 words, scales unchanged."""
+        return "int32" if self.dtype == "uint8" else self.dtype
+
+    @property
+    def kernel_shape(self) -> tuple[int, int]:
+        """Stored (K-major) shape: ``[C/4, N]`` int32 for packed ``[N, C]`` uint8, ``[K/G, N]`` for ``[N, K/G]``."""
+        n, c = self.shape
+        return (c // 4, n) if self.dtype == "uint8" else (c, n)
 
 
 @dataclass(frozen=True)
@@ -77,7 +96,8 @@ class PlaneLayout:
                 for name, dt, shape in items:
                     spec = TensorSpec(f"{proj}.{name}", dt, shape, offs[lv])
                     specs[lv].append(spec)
-                    offs[lv] = _align(offs[lv] + spec.nbytes)
+                    # zeros directly after scales: the kernel reads meta [2, K/G, N] (zero row at + (K/G)*N)
+                    offs[lv] = offs[lv] + spec.nbytes if name == "scales" else _align(offs[lv] + spec.nbytes)
         object.__setattr__(self, "specs", {lv: tuple(v) for lv, v in specs.items()})
         object.__setattr__(self, "plane_bytes", dict(offs))
 
@@ -111,6 +131,35 @@ class PlaneLayout:
     def slot_offset(self, level: int) -> int:
         """Offset of plane ``level`` in its slot (base and plane 3 at 0)."""
         return 0 if level == BASE else self.upper_offset[level]
+
+    def spec(self, level: int, name: str) -> TensorSpec:
+        """The spec of tensor ``name`` (e.g. ``"down.plane3_scales"``) in plane ``level``; KeyError otherwise."""
+        for sp in self.specs[level]:
+            if sp.name == name:
+                return sp
+        raise KeyError(f"offload layout: no tensor {name!r} in plane {level}")
+
+    def slot_offsets(self, proj: str):
+        """Byte offsets the GroupGEMM needs to read projection ``proj`` ("gate_up" | "down") from the slot pool.
+
+        Returns:
+            ``mxserve_kernels.moe.slot_weights.SlotOffsets`` (base blob: codes, meta; upper slot: plane-3 words and
+            scales; plane 4 of both at ``+ plane_bytes[3]``).
+        """
+        from mxserve_kernels.moe.slot_weights import SlotOffsets
+        scheme = self.gate_up if proj == "gate_up" else self.down
+        n, k = (2 * self.inter, self.hidden) if proj == "gate_up" else (self.hidden, self.inter)
+        for p in UPPER[1:]:        # the kernel steps from plane 3 to plane p by (p - 3) * plane_bytes[3]
+            for t in ("weight", "scales"):
+                if (self.slot_offset(p) + self.spec(p, f"{proj}.plane{p}_{t}").offset
+                        != (p - 3) * self.plane_bytes[3] + self.spec(3, f"{proj}.plane3_{t}").offset):
+                    raise AssertionError(f"offload layout: plane {p} {proj}.{t} is not one plane step after plane 3")
+        return SlotOffsets(n=n, k=k, group_size=scheme.group_size, scale_dtype=scheme.scale_dtype,
+                           slot_bytes=self.slot_bytes, qweight=self.spec(BASE, f"{proj}.qweight").offset,
+                           meta=self.spec(BASE, f"{proj}.scales").offset,
+                           plane_words=self.spec(3, f"{proj}.plane3_weight").offset,
+                           plane_scales=self.spec(3, f"{proj}.plane3_scales").offset,
+                           plane_step=self.plane_bytes[3])
 
 
 def qwen3_30b_a3b_layout(group_size: int = 128) -> tuple[PlaneLayout, dict[str, int]]:

@@ -8,7 +8,8 @@ KV offload does), because ``torch.empty(pin_memory=True)`` goes through the cach
 every block up to a power of two (a 16.3 GB Qwen3-30B-A3B arena would pin 32 GB); that allocator is only the logged
 fallback when registration fails.
 Region per plane level, base first: ``region[lv]`` is ``[L, E, plane_bytes[lv]]``; blob (l, e, lv) holds the
-tensors of ``layout.specs[lv]`` at their offsets.
+tensors of ``layout.specs[lv]`` at their offsets, in the GroupGEMM's runtime layout (``layout`` module docstring):
+``write_expert`` takes canonical tensors and stores them K-major; ``expert_tensors`` converts back (copies).
 
 GPU pool: ``[S, slot_bytes]`` uint8, allocated once (before vLLM profiles memory so the KV cache is sized around it).
 
@@ -28,7 +29,7 @@ import torch
 from mxserve.scheduler.layout import BASE, LEVELS, PlaneLayout
 from mxserve.scheduler.policy import PrefetchPlan
 
-_DT = {"uint8": torch.uint8, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DT = {"uint8": torch.uint8, "int32": torch.int32, "bf16": torch.bfloat16, "fp16": torch.float16}
 logger = logging.getLogger("mxserve.scheduler")
 
 
@@ -64,19 +65,38 @@ def alloc_pinned(nbytes: int) -> tuple[torch.Tensor, str, int]:
 
 
 def plane_views(layout: PlaneLayout, blob: torch.Tensor, level: int) -> dict[str, torch.Tensor]:
-    """Typed tensor views of one plane blob.
+    """Typed kernel-layout views of one plane blob.
 
     Args:
         layout: plane layout.
         blob: uint8 [>= plane_bytes[level]] (host arena blob or a GPU slot at ``slot_offset(level)``).
         level: 2 (base), 3 or 4.
     Returns:
-        {"gate_up.qweight": [2I, H/4] uint8, "gate_up.scales": [2I, H/G], ...} views sharing ``blob``'s storage.
+        {"gate_up.qweight": [H/16, 2I] int32, "gate_up.scales": [H/G, 2I], ...} (``TensorSpec.kernel_shape`` /
+        ``kernel_dtype``) views sharing ``blob``'s storage.
     """
     out = {}
     for sp in layout.specs[level]:
-        out[sp.name] = blob[sp.offset:sp.offset + sp.nbytes].view(_DT[sp.dtype]).view(sp.shape)
+        out[sp.name] = blob[sp.offset:sp.offset + sp.nbytes].view(_DT[sp.kernel_dtype]).view(sp.kernel_shape)
     return out
+
+
+def to_kernel(t: torch.Tensor) -> torch.Tensor:
+    """Canonical ``[N, C]`` tensor -> its stored layout: uint8 codes -> int32 words ``[C/4, N]``, scales ``[C, N]``."""
+    if t.dtype == torch.uint8:
+        t = t.contiguous().view(torch.int32)
+    return t.t().contiguous()
+
+
+def to_canonical(t: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``to_kernel`` (a copy): int32 ``[C/4, N]`` -> uint8 ``[N, C]``; ``[C, N]`` scales -> ``[N, C]``."""
+    t = t.t().contiguous()
+    return t.view(torch.uint8) if t.dtype == torch.int32 else t
+
+
+def canonical_views(layout: PlaneLayout, blob: torch.Tensor, level: int) -> dict[str, torch.Tensor]:
+    """Canonical tensors (copies) of one plane blob: ``to_canonical`` of ``plane_views``."""
+    return {name: to_canonical(v) for name, v in plane_views(layout, blob, level).items()}
 
 
 class HostArena:
@@ -116,21 +136,21 @@ class HostArena:
         """
         for lv in LEVELS:
             views = plane_views(self.layout, self.blob(layer, expert, lv), lv)
-            for name, dst in views.items():
-                src = tensors.get(name)
+            for sp in self.layout.specs[lv]:
+                src, want = tensors.get(sp.name), _DT[sp.dtype]
                 if src is None:
-                    raise ValueError(f"offload arena: expert ({layer}, {expert}) is missing tensor {name!r}")
-                if src.dtype != dst.dtype or tuple(src.shape) != tuple(dst.shape):
-                    raise ValueError(f"offload arena: expert ({layer}, {expert}) tensor {name!r} is {src.dtype} "
-                                     f"{list(src.shape)}, expected {dst.dtype} {list(dst.shape)}")
-                dst.copy_(src)
+                    raise ValueError(f"offload arena: expert ({layer}, {expert}) is missing tensor {sp.name!r}")
+                if src.dtype != want or tuple(src.shape) != tuple(sp.shape):
+                    raise ValueError(f"offload arena: expert ({layer}, {expert}) tensor {sp.name!r} is {src.dtype} "
+                                     f"{list(src.shape)}, expected {want} {list(sp.shape)}")
+                views[sp.name].copy_(to_kernel(src))
 
     def expert_tensors(self, layer: int, expert: int, level: int = LEVELS[-1]) -> dict[str, torch.Tensor]:
-        """Views of planes 2..level of one expert (for references)."""
+        """Canonical tensors (copies) of planes 2..level of one expert (for references)."""
         out = {}
         for lv in LEVELS:
             if lv <= level:
-                out.update(plane_views(self.layout, self.blob(layer, expert, lv), lv))
+                out.update(canonical_views(self.layout, self.blob(layer, expert, lv), lv))
         return out
 
 
@@ -163,11 +183,11 @@ class SlotPool:
         return self.buf[slot, o:o + self.layout.plane_bytes[level]]
 
     def expert_tensors(self, base_slot: int, upper_slot: int, level: int) -> dict[str, torch.Tensor]:
-        """Views of planes 2..level of an expert resident in (base_slot, upper_slot)."""
-        out = plane_views(self.layout, self.blob(base_slot, BASE), BASE)
+        """Canonical tensors (copies) of planes 2..level of an expert resident in (base_slot, upper_slot)."""
+        out = canonical_views(self.layout, self.blob(base_slot, BASE), BASE)
         for lv in LEVELS[1:]:
             if lv <= level:
-                out.update(plane_views(self.layout, self.blob(upper_slot, lv), lv))
+                out.update(canonical_views(self.layout, self.blob(upper_slot, lv), lv))
         return out
 
 

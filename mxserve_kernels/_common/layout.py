@@ -6,15 +6,19 @@ Every per-expert weight ``W [N, K]`` is stored K-major so that tile loads are co
   * ``qw``   int32, flat; expert e at ``einfo[e, QOFF]``: ``[K*B/32, N]`` -- word ``(kw, n)`` is the little-endian
     int32 view of canonical bytes ``qweight[n, 4*kw : 4*kw+4]`` (codes ``k = kw*32/B + j`` in bits ``[j*B, (j+1)*B)``).
     3-bit experts store a 2-bit plane here (``q & 3``) and the high bit in ``pw``; nested experts store the int2 base.
-  * ``pw``   int32, flat; expert e at ``einfo[e, POFF]``: ``[P, K/32, N]`` 1-bit planes (3-bit high bit, or the nested
-    residual sign planes 3..prefix), packed like ``qw`` with B = 1.
-  * ``meta`` flat, dtype ``meta_dtype``; expert e at ``einfo[e, MOFF]``: ``[2 + P, K/G, N]`` = scale, zero, plane
-    scales. Symmetric schemes store ``zero = -2**(B-1) * scale`` (exact), so every integer kind dequantizes as
+  * ``pw``   int32, flat; expert e at ``einfo[e, POFF]``: P 1-bit planes ``[K/32, N]`` (3-bit high bit, or the nested
+    residual sign planes 3..prefix), packed like ``qw`` with B = 1; plane i starts ``i * einfo[e, PWSTEP]`` words
+    after plane 0 (``pack_projection``: ``(K/32)*N``, i.e. contiguous ``[P, K/32, N]``).
+  * ``meta`` flat, dtype ``meta_dtype``; expert e at ``einfo[e, MOFF]``: ``[2, K/G, N]`` = scale, zero; nested plane
+    scales at ``einfo[e, PMOFF]`` (plane i at ``PMOFF + i*PMSTEP``, each ``[K/G, N]``). ``pack_projection`` stores
+    them right after scale/zero (``PMOFF = MOFF + 2*(K/G)*N``, ``PMSTEP = (K/G)*N``, i.e. ``[2 + P, K/G, N]``); the
+    expert-offload slot pool (``moe.offload_weights``) points them into another slot. Symmetric schemes store ``zero = -2**(B-1) * scale`` (exact), so every integer kind dequantizes as
     ``q * scale + zero`` (+ ``sum_p (2*bit_p - 1) * plane_scale_p`` for nested). ``meta_dtype`` is the common
     canonical scale dtype, or fp32 when experts mix bf16 and fp16 scales (both convert exactly).
   * ``wbf``  bf16, flat; expert e at ``einfo[e, WOFF]``: ``[K, N]`` (bf16 passthrough experts).
-  * ``einfo`` int64 ``[E, NFIELDS]``: kind, bits, group size, offsets in units of ``OFF_UNIT`` = 16 elements (each
-    expert's data is zero-padded to 16 elements so the next one starts aligned), planes (see the ``F_*`` constants).
+  * ``einfo`` int64 ``[E, NFIELDS]``: kind, bits, group size, offsets QOFF/POFF/MOFF/WOFF in units of ``OFF_UNIT`` =
+    16 elements (each expert's data is zero-padded to 16 elements so the next one starts aligned), planes, then
+    PMOFF/PWSTEP/PMSTEP in plain elements (see the ``F_*`` constants).
 
 The torch dequantizer ``dequant_expert`` here is bit-exact with ``quant.reference.dequantize`` in fp32; the Triton
 kernels compute the same expression.
@@ -28,9 +32,9 @@ import torch
 
 from mxserve_kernels.formats import NESTED_BASE_BITS, WeightScheme, tensor_names
 
-# einfo columns
-F_KIND, F_BITS, F_GROUP, F_QOFF, F_POFF, F_MOFF, F_WOFF, F_NPLANES = range(8)
-NFIELDS = 8
+# einfo columns (offsets QOFF..WOFF in OFF_UNIT units; PMOFF, PWSTEP, PMSTEP in elements)
+F_KIND, F_BITS, F_GROUP, F_QOFF, F_POFF, F_MOFF, F_WOFF, F_NPLANES, F_PMOFF, F_PWSTEP, F_PMSTEP = range(11)
+NFIELDS = 11
 # kinds
 KIND_NONE, KIND_BF16, KIND_INT, KIND_INT3, KIND_NESTED = range(5)
 
@@ -121,7 +125,7 @@ class PackedWeights:
         ids = range(self.num_experts) if experts is None else experts
         total = 0
         for e in ids:
-            kind, bits, g, _, _, _, _, npl = (int(v) for v in info[e])
+            kind, bits, g, npl = (int(info[e, f]) for f in (F_KIND, F_BITS, F_GROUP, F_NPLANES))
             if kind == KIND_BF16:
                 total += 2 * self.n * self.k
             elif kind != KIND_NONE:
@@ -202,7 +206,7 @@ def pack_projection(experts: Sequence[tuple[WeightScheme, dict[str, torch.Tensor
         t = {name: v.to(device) for name, v in t.items()}
         if s.bits == 16:
             wb = _pad16(t["weight"].to(torch.bfloat16).t().contiguous().reshape(-1))
-            info.append([KIND_BF16, 16, 0, 0, 0, 0, woff // OFF_UNIT, 0])
+            info.append([KIND_BF16, 16, 0, 0, 0, 0, woff // OFF_UNIT, 0, 0, 0, 0])
             wbfs.append(wb)
             woff += wb.numel()
             continue
@@ -232,7 +236,9 @@ def pack_projection(experts: Sequence[tuple[WeightScheme, dict[str, torch.Tensor
         qwk = _words_kmajor(q).reshape(-1)
         meta = _pad16(meta)
         qwk = _pad16(qwk)
-        info.append([kind, s.bits, g, qoff // OFF_UNIT, poff // OFF_UNIT, moff // OFF_UNIT, 0, len(planes)])
+        kgn = (k // g) * n
+        info.append([kind, s.bits, g, qoff // OFF_UNIT, poff // OFF_UNIT, moff // OFF_UNIT, 0, len(planes),
+                     moff + 2 * kgn, (k // 32) * n, kgn])
         qws.append(qwk)
         metas.append(meta)
         qoff += qwk.numel()
@@ -262,23 +268,29 @@ def dequant_expert(pw: PackedWeights, e: int) -> torch.Tensor:
     """Dequantize expert ``e`` of a projection from the runtime layout to fp32 ``[N, K]`` (bit-exact with
     ``quant.reference.dequantize`` of the canonical tensors). Returns zeros for an expert with no weights."""
     n, k = pw.n, pw.k
-    kind, bits, g, qoff, poff, moff, woff, npl = (int(v) for v in pw.einfo[e].cpu())
+    kind, bits, g, qoff, poff, moff, woff, npl, pmoff, pwstep, pmstep = (int(v) for v in pw.einfo[e].cpu())
     qoff, poff, moff, woff = (v * OFF_UNIT for v in (qoff, poff, moff, woff))
     if kind == KIND_NONE:
-        return torch.zeros(n, k, dtype=torch.float32, device=pw.device)
+        return torch.zeros(n, k, dtype=torch.float32, device=pw.qw.device)
     if kind == KIND_BF16:
         return pw.wbf[woff:woff + n * k].view(k, n).t().to(torch.float32)
     qb = 2 if kind in (KIND_INT3, KIND_NESTED) else bits
     nw = k * qb // 32
     q = _unpack_kmajor(pw.qw[qoff:qoff + nw * n].view(nw, n), qb)
-    planes = [_unpack_kmajor(pw.pw[poff + i * (k // 32) * n: poff + (i + 1) * (k // 32) * n].view(k // 32, n), 1)
+    pn = (k // 32) * n
+    planes = [_unpack_kmajor(pw.pw[poff + i * pwstep: poff + i * pwstep + pn].view(k // 32, n), 1)
               for i in range(npl)]
     if kind == KIND_INT3:
         q = q | (planes[0] << 2)
-    meta = pw.meta[moff:moff + (2 + (npl if kind == KIND_NESTED else 0)) * (k // g) * n]
-    meta = meta.view(-1, k // g, n).to(torch.float32).transpose(1, 2).repeat_interleave(g, dim=2)  # [2+P, N, K]
+    kgn = (k // g) * n
+
+    def meta_rows(off: int, rows: int) -> torch.Tensor:  # [rows, K/G, N] -> fp32 [rows, N, K]
+        m = pw.meta[off:off + rows * kgn].view(rows, k // g, n).to(torch.float32)
+        return m.transpose(1, 2).repeat_interleave(g, dim=2)
+
+    meta = meta_rows(moff, 2)
     w = q.to(torch.float32) * meta[0] + meta[1]
     if kind == KIND_NESTED:
         for i in range(npl):
-            w = w + (planes[i].to(torch.float32) * 2.0 - 1.0) * meta[2 + i]
+            w = w + (planes[i].to(torch.float32) * 2.0 - 1.0) * meta_rows(pmoff + i * pmstep, 1)[0]
     return w

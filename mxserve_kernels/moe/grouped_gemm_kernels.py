@@ -53,9 +53,11 @@ def _dq(words, s, z, p0, sp0, p1, sp1, psh, J, KIND: tl.constexpr, BITS: tl.cons
 
 
 @triton.jit
-def _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols, K, w0, col, n_mask,
+def _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, w0, col, n_mask,
                KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Code words, scale, zero (+ planes and plane scales) of word rows ``w0 .. w0+BLOCK_K`` (masked past K)."""
+    """Code words, scale, zero (+ planes and plane scales) of word rows ``w0 .. w0+BLOCK_K`` (masked past K).
+    ``pm`` = (plane-scale offset, words between planes, plane-scale elements between planes): einfo PMOFF, PWSTEP,
+    PMSTEP (plane scales need not follow scale/zero: the offload slot pool keeps them in another slot)."""
     PER: tl.constexpr = 32 // BITS
     wr = w0 + tl.arange(0, BLOCK_K)
     m2 = (wr < K // PER)[:, None] & n_mask[None, :]
@@ -73,16 +75,16 @@ def _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols, K, w0, col,
     if KIND >= 3:
         p0 = tl.load(pw_ptr + poff + pr * wcols + col, mask=m2, other=0)
         if NP == 2:
-            p1 = tl.load(pw_ptr + poff + (K // 32 + pr) * wcols + col, mask=m2, other=0)
+            p1 = tl.load(pw_ptr + poff + pm[1] + pr * wcols + col, mask=m2, other=0)
     if KIND == 4:
-        sp0 = tl.load(meta_ptr + moff + (2 * kg + gi) * wcols + col, mask=m2, other=0.0).to(tl.float32)
+        sp0 = tl.load(meta_ptr + pm[0] + gi * wcols + col, mask=m2, other=0.0).to(tl.float32)
         if NP == 2:
-            sp1 = tl.load(meta_ptr + moff + (3 * kg + gi) * wcols + col, mask=m2, other=0.0).to(tl.float32)
+            sp1 = tl.load(meta_ptr + pm[0] + pm[2] + gi * wcols + col, mask=m2, other=0.0).to(tl.float32)
     return words, s, z, p0, sp0, p1, sp1
 
 
 @triton.jit
-def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols,
+def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols,
               n_up, K, offs_n, n_mask, KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr,
               DUAL: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr, FMA: tl.constexpr):
     """acc (+acc2 for the up half when DUAL) += x[rows] @ dequant(W)^T over all of K for an integer expert.
@@ -104,18 +106,18 @@ def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, met
     if FMA:
         acc3 = tl.zeros((acc.shape[0], BKW, acc.shape[1]), dtype=tl.float32)
         acc3b = tl.zeros((acc.shape[0], BKW, acc.shape[1]), dtype=tl.float32)
-    words, s, z, p0, sp0, p1, sp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols, K, 0, col,
+    words, s, z, p0, sp0, p1, sp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, 0, col,
                                                n_mask, KIND, BITS, NP, BKW)
     words2, s2, z2, q0, tp0, q1, tp1 = words, s, z, p0, sp0, p1, sp1
     if DUAL:
-        words2, s2, z2, q0, tp0, q1, tp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols, K, 0,
+        words2, s2, z2, q0, tp0, q1, tp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, 0,
                                                       col2, n_mask, KIND, BITS, NP, BKW)
     for w0 in range(0, kw_total, BKW):
-        nwords, ns, nz, np0, nsp0, np1, nsp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols, K,
+        nwords, ns, nz, np0, nsp0, np1, nsp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K,
                                                           w0 + BKW, col, n_mask, KIND, BITS, NP, BKW)
         nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1 = nwords, ns, nz, np0, nsp0, np1, nsp1
         if DUAL:
-            nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g,
+            nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g,
                                                                  wcols, K, w0 + BKW, col2, n_mask, KIND, BITS,
                                                                  NP, BKW)
         wr = w0 + offs_w
@@ -230,43 +232,44 @@ def grouped_gemm_kernel(x_ptr, out_ptr, qw_ptr, pw_ptr, meta_ptr, wbf_ptr, einfo
         moff = tl.load(info + 5) * 16
         woff = tl.load(info + 6) * 16
         npl = tl.load(info + 7)
+        pm = (tl.load(info + 8), tl.load(info + 9), tl.load(info + 10))  # PMOFF, PWSTEP, PMSTEP (elements)
         DUAL: tl.constexpr = MODE == 1
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if (KINDS & 8) != 0:
             if (kind == 2) & (bits == 4):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                      qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
+                                      qoff, poff, moff, pm, g, wcols, n_up, K, offs_n, n_mask,
                                       2, 4, 0, DUAL, BLOCK_K, IS_FP32, FMA)
         if (KINDS & 4) != 0:
             if (kind == 2) & (bits == 2):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                      qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
+                                      qoff, poff, moff, pm, g, wcols, n_up, K, offs_n, n_mask,
                                       2, 2, 0, DUAL, BLOCK_K, IS_FP32, FMA)
         if (KINDS & 2) != 0:
             if (kind == 2) & (bits == 1):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                      qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
+                                      qoff, poff, moff, pm, g, wcols, n_up, K, offs_n, n_mask,
                                       2, 1, 0, DUAL, BLOCK_K, IS_FP32, FMA)
         if (KINDS & 16) != 0:
             if (kind == 2) & (bits == 8):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                      qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
+                                      qoff, poff, moff, pm, g, wcols, n_up, K, offs_n, n_mask,
                                       2, 8, 0, DUAL, BLOCK_K, IS_FP32, FMA)
         if (KINDS & 32) != 0:
             if kind == 3:
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                      qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
+                                      qoff, poff, moff, pm, g, wcols, n_up, K, offs_n, n_mask,
                                       3, 2, 1, DUAL, BLOCK_K, IS_FP32, FMA)
         if (KINDS & 64) != 0:
             if (kind == 4) & (npl == 1):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                      qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
+                                      qoff, poff, moff, pm, g, wcols, n_up, K, offs_n, n_mask,
                                       4, 2, 1, DUAL, BLOCK_K, IS_FP32, FMA)
         if (KINDS & 128) != 0:
             if (kind == 4) & (npl == 2):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                      qoff, poff, moff, g, wcols, n_up, K, offs_n, n_mask,
+                                      qoff, poff, moff, pm, g, wcols, n_up, K, offs_n, n_mask,
                                       4, 2, 2, DUAL, BLOCK_K, IS_FP32, FMA)
         if (KINDS & 1) != 0:
             if kind == 1:
@@ -285,14 +288,14 @@ def grouped_gemm_kernel(x_ptr, out_ptr, qw_ptr, pw_ptr, meta_ptr, wbf_ptr, einfo
 
 
 @triton.jit
-def _dequant_rows(out_ptr, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols, K, r0, offs_n, n_mask,
+def _dequant_rows(out_ptr, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, r0, offs_n, n_mask,
                   KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr, ROWS: tl.constexpr):
     """Store bf16 W^T rows r0 .. r0+ROWS (K-major, row stride wcols) of one integer expert at out_ptr."""
     PER: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = ROWS // PER
     w0 = r0 // PER
     col = offs_n[None, :]
-    words, s, z, p0, sp0, p1, sp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, wcols, K, w0, col,
+    words, s, z, p0, sp0, p1, sp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, w0, col,
                                                n_mask, KIND, BITS, NP, BKW)
     wr = w0 + tl.arange(0, BKW)
     kr = wr * PER
@@ -321,28 +324,36 @@ def dequant_kernel(out_ptr, qw_ptr, pw_ptr, meta_ptr, wbf_ptr, einfo_ptr, N, K,
     moff = tl.load(info + 5) * 16
     woff = tl.load(info + 6) * 16
     npl = tl.load(info + 7)
+    pm = (tl.load(info + 8), tl.load(info + 9), tl.load(info + 10))  # PMOFF, PWSTEP, PMSTEP (elements)
     out = out_ptr + e.to(tl.int64) * K * N
     if (KINDS & 8) != 0:
         if (kind == 2) & (bits == 4):
-            _dequant_rows(out, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, N, K, r0, offs_n, n_mask, 2, 4, 0, 256)
+            _dequant_rows(out, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, N, K, r0, offs_n, n_mask,
+                          2, 4, 0, 256)
     if (KINDS & 4) != 0:
         if (kind == 2) & (bits == 2):
-            _dequant_rows(out, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, N, K, r0, offs_n, n_mask, 2, 2, 0, 256)
+            _dequant_rows(out, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, N, K, r0, offs_n, n_mask,
+                          2, 2, 0, 256)
     if (KINDS & 2) != 0:
         if (kind == 2) & (bits == 1):
-            _dequant_rows(out, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, N, K, r0, offs_n, n_mask, 2, 1, 0, 256)
+            _dequant_rows(out, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, N, K, r0, offs_n, n_mask,
+                          2, 1, 0, 256)
     if (KINDS & 16) != 0:
         if (kind == 2) & (bits == 8):
-            _dequant_rows(out, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, N, K, r0, offs_n, n_mask, 2, 8, 0, 256)
+            _dequant_rows(out, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, N, K, r0, offs_n, n_mask,
+                          2, 8, 0, 256)
     if (KINDS & 32) != 0:
         if kind == 3:
-            _dequant_rows(out, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, N, K, r0, offs_n, n_mask, 3, 2, 1, 256)
+            _dequant_rows(out, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, N, K, r0, offs_n, n_mask,
+                          3, 2, 1, 256)
     if (KINDS & 64) != 0:
         if (kind == 4) & (npl == 1):
-            _dequant_rows(out, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, N, K, r0, offs_n, n_mask, 4, 2, 1, 256)
+            _dequant_rows(out, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, N, K, r0, offs_n, n_mask,
+                          4, 2, 1, 256)
     if (KINDS & 128) != 0:
         if (kind == 4) & (npl == 2):
-            _dequant_rows(out, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, g, N, K, r0, offs_n, n_mask, 4, 2, 2, 256)
+            _dequant_rows(out, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, N, K, r0, offs_n, n_mask,
+                          4, 2, 2, 256)
     if (KINDS & 1) != 0:
         if kind == 1:
             rows = r0 + tl.arange(0, 256)

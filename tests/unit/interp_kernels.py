@@ -137,3 +137,60 @@ def test_fused_moe_fma_config(block_m):
     got = fused_moe(x, w, tw, ids, config={"w13": cfg, "w2": dict(cfg)})
     want = moe_ref.fused_moe(x.float(), w, tw, ids)
     assert rel_mean_err(want, got.float()) < GROUPED_GEMM_REL_MEAN[torch.float16]
+
+
+@pytest.mark.parametrize("block_m, fma", [(16, 0), (2, 1)])
+def test_plane_scales_elsewhere_via_pmoff(block_m, fma):
+    """Nested experts whose plane scales / sign planes live in another buffer region (einfo PMOFF, PWSTEP, PMSTEP,
+    as in the offload slot pool): the grouped GEMM and the dequant kernel equal the reference on the packed layout."""
+    from mxserve_kernels.moe.grouped_gemm import dequant_bf16
+    from mxserve_kernels.moe.weights import MoEWeights
+    from mxserve_kernels._common.layout import dequant_expert
+    from tests.unit.test_kernels_moe import relocate_planes
+    schemes = ["int2_g32_asym_nested4", "int4_g32_asym", "int2_g32_asym_nested3", "int2_g64_asym_fp16_nested4"]
+    h, i = 128, 64
+    gate_up, down = make_experts(schemes, hidden=h, inter=i)
+    w = prepare_experts(gate_up, down, hidden=h, inter=i)
+    moved = MoEWeights(relocate_planes(w.w13), relocate_planes(w.w2), h, i)
+    tw, ids = make_routing(5, 2, len(schemes), "random")
+    x = torch.randn(5, h)
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2, FMA=fma)
+    got = fused_moe(x, moved, tw, ids, config={"w13": cfg, "w2": dict(cfg)})
+    want = moe_ref.fused_moe(x, w, tw, ids)
+    assert rel_mean_err(want, got) < GROUPED_GEMM_REL_MEAN[torch.float32]
+    for proj, canon, kdim in ((moved.w13, gate_up, h), (moved.w2, down, i)):
+        d = dequant_bf16(proj)
+        for e, (s, t) in enumerate(canon):
+            ref = qref.dequantize(s, t, kdim)
+            err = (dequant_expert(d, e) - ref).abs()
+            assert (err <= ref.abs() * torch.finfo(torch.bfloat16).eps).all(), (s.name, float(err.max()))
+
+
+def test_grouped_gemm_over_offload_slot_pool():
+    """The Triton grouped GEMM reading an offload slot pool (``slot_weights``: uint8 pool viewed as qw/pw/meta,
+    einfo from the residency tables, run levels 2 / 3 / 4) equals the reference on the same einfo."""
+    import numpy as np
+    from mxserve.scheduler.config import OffloadConfig
+    from mxserve.scheduler.expert_cache import ExpertCache
+    from mxserve.scheduler.layout import PlaneLayout
+    from mxserve_kernels.moe.slot_weights import slot_moe_weights
+    gu_s = WeightScheme(bits=4, group_size=32, nested=True)
+    dn_s = WeightScheme(bits=4, group_size=32, scale_dtype="fp16", nested=True)
+    h, i, e_n = 64, 64, 4
+    lay = PlaneLayout(hidden=h, inter=i, gate_up=gu_s, down=dn_s)
+    cache = ExpertCache(OffloadConfig(), lay, 1, e_n, device="cpu", publish_interval_s=None)
+    g = torch.Generator().manual_seed(0)
+    for e in range(e_n):
+        gu, dn = random_canonical(gu_s, 2 * i, h, generator=g), random_canonical(dn_s, h, i, generator=g)
+        cache.write_expert(0, e, {**{f"gate_up.{k}": v for k, v in gu.items()},
+                                  **{f"down.{k}": v for k, v in dn.items()}})
+    cache.preload()
+    levels = np.array([2, 3, 4, 3], np.int32)
+    tables = torch.stack([torch.from_numpy(cache.state.base_slot[0].astype(np.int32)),
+                          torch.from_numpy(cache.state.upper_slot[0].astype(np.int32)), torch.from_numpy(levels)])
+    w = slot_moe_weights(cache.pool.buf, tables, lay.slot_offsets("gate_up"), lay.slot_offsets("down"))
+    tw, ids = make_routing(6, 2, e_n, "random")
+    x = torch.randn(6, h)
+    got = fused_moe(x, w, tw, ids)
+    want = moe_ref.fused_moe(x, w, tw, ids)
+    assert rel_mean_err(want, got) < GROUPED_GEMM_REL_MEAN[torch.float32]

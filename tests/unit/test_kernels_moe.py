@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from mxserve_kernels._common.layout import dequant_expert, pack_projection
+from mxserve_kernels._common.layout import (F_KIND, F_NPLANES, F_PMOFF, F_PMSTEP, F_POFF, F_PWSTEP, KIND_NESTED,
+                                            OFF_UNIT, PackedWeights, dequant_expert, pack_projection)
 from mxserve_kernels.moe import MoEWeights, fused_moe, moe_align, prepare_experts
 from mxserve_kernels.moe import reference as moe_ref
 from mxserve_kernels.quant import reference as qref
@@ -27,6 +28,48 @@ def test_runtime_layout_dequant_bit_exact(name):
     s, t = gate_up[0]
     pw = pack_projection([(s, t)], n=256, k=128)
     torch.testing.assert_close(dequant_expert(pw, 0), qref.dequantize(s, t, 128), **BIT_EXACT)
+
+
+def relocate_planes(pw: PackedWeights) -> PackedWeights:
+    """The same projection with every nested expert's plane scales and sign planes moved to a new region at the end
+    of ``meta`` / ``pw``, in reverse plane order with gaps (PMOFF / PWSTEP / PMSTEP differ from ``pack_projection``'s
+    defaults; the steps are negative), and the old locations overwritten with garbage (a kernel still reading
+    ``MOFF + 2*(K/G)*N`` or ``POFF + i*(K/32)*N`` gives wrong results)."""
+    info, meta, pws = pw.einfo.clone(), [pw.meta.clone()], [pw.pw.clone()]
+    mlen, plen = meta[0].numel(), pws[0].numel()
+    for e in range(info.shape[0]):
+        npl = int(info[e, F_NPLANES])
+        if int(info[e, F_KIND]) != KIND_NESTED:
+            continue
+        pmoff, pmstep, pwstep = int(info[e, F_PMOFF]), int(info[e, F_PMSTEP]), int(info[e, F_PWSTEP])
+        poff = int(info[e, F_POFF]) * OFF_UNIT
+        step_m = pmstep + 3
+        step_p = -(-(pwstep + 48) // OFF_UNIT) * OFF_UNIT     # plane starts stay OFF_UNIT-aligned
+        rm = torch.full((npl * step_m,), -7.0, dtype=pw.meta.dtype)
+        rp = torch.zeros(npl * step_p, dtype=pw.pw.dtype)
+        for i in range(npl):
+            j = npl - 1 - i                                   # reverse order
+            rm[j * step_m: j * step_m + pmstep] = meta[0][pmoff + i * pmstep: pmoff + (i + 1) * pmstep]
+            rp[j * step_p: j * step_p + pwstep] = pws[0][poff + i * pwstep: poff + (i + 1) * pwstep]
+            meta[0][pmoff + i * pmstep: pmoff + (i + 1) * pmstep] = 1e3
+            pws[0][poff + i * pwstep: poff + (i + 1) * pwstep] = 0x5A5A5A5A
+        info[e, F_PMOFF], info[e, F_PMSTEP] = mlen + (npl - 1) * step_m, -step_m
+        info[e, F_POFF], info[e, F_PWSTEP] = (plen + (npl - 1) * step_p) // OFF_UNIT, -step_p
+        meta.append(rm)
+        pws.append(rp)
+        mlen += rm.numel()
+        plen += rp.numel()
+    return PackedWeights(pw.qw, torch.cat(pws), torch.cat(meta), pw.wbf, info, pw.n, pw.k)
+
+
+@pytest.mark.parametrize("names", [["int2_g32_asym_nested4", "int4_g32_asym", "int2_g64_asym_fp16_nested3"],
+                                   ["int2_g32_asym_nested3", "int2_g32_asym_nested4"]])
+def test_plane_offsets_from_einfo(names):
+    """dequant_expert reads plane scales / planes through PMOFF, PWSTEP, PMSTEP (not MOFF + 2*(K/G)*N)."""
+    gate_up, _ = make_experts(names, hidden=192, inter=64)
+    pw = relocate_planes(pack_projection(gate_up, n=128, k=192))
+    for e, (s, t) in enumerate(gate_up):
+        torch.testing.assert_close(dequant_expert(pw, e), qref.dequantize(s, t, 192), **BIT_EXACT)
 
 
 def test_mixed_scale_dtypes_share_fp32_meta():
