@@ -9,7 +9,9 @@ Lifecycle (../shared/docs/vllm-0.26.md §2):
      ``get_quant_method(layer, prefix)`` returns
        * ``MxLinearMethod`` for quantized ``LinearBase`` layers (fused q/k/v and gate/up shards must share a scheme),
        * ``UnquantizedLinearMethod`` for bf16 linears and routers (``...gate``, ``...shared_expert_gate``),
-       * ``MxMoEMethod`` for ``RoutedExperts`` with a plan entry (``None`` -> vLLM's unquantized MoE otherwise),
+       * ``MxMoEMethod`` for ``RoutedExperts`` with a plan entry (``None`` -> vLLM's unquantized MoE otherwise), or
+         ``offload_method.OffloadMoEMethod`` (one shared ``OffloadRuntime`` per model) when the plan has an enabled
+         ``offload`` section; that section also installs the compilation hook (MoE op outside CUDA graphs),
        * ``MxKVCacheMethod`` (kv package) for ``Attention`` when the plan has ``kv``; ``None`` otherwise and for
          embeddings / lm_head (unquantized).
 """
@@ -54,6 +56,35 @@ class MxMoEQuantConfig(QuantizationConfig):
         self._modules: dict[str, WeightScheme] = dict(self.cfg.modules)
         self._experts: dict[str, ExpertPlan] = dict(self.cfg.experts)
         self.kv_cfg = self._parse_kv(self.cfg.kv)
+        self.offload_cfg = self._parse_offload(self.cfg.offload)
+        self._offload_runtime = None
+
+    @staticmethod
+    def _parse_offload(off: dict | None):
+        """Validate the plan's ``offload`` section at parse time (process 0); when enabled, wrap the platform's
+        ``check_and_update_config`` (``offload_method.install_config_hook``: it runs later in the same
+        ``VllmConfig.__post_init__``) so the MoE op becomes a CUDA-graph splitting op. Returns the config or None."""
+        if off is None:
+            return None
+        from mxserve.scheduler.config import OffloadConfig
+        cfg = OffloadConfig.from_dict(off)
+        if cfg.enabled:
+            from mxserve.vllm_plugin.offload_method import install_config_hook
+            install_config_hook()
+        return cfg
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_offload_runtime"] = None      # GPU state never travels with the config
+        return state
+
+    def offload_runtime(self):
+        """The model's shared ``OffloadRuntime`` (created on first use, in the worker building the model)."""
+        rt = self._offload_runtime
+        if rt is None or (rt.cache is None and rt.plans is not self._experts):    # (re)built after name mapping
+            from mxserve.vllm_plugin.offload_method import OffloadRuntime, layer_order
+            rt = self._offload_runtime = OffloadRuntime(self.offload_cfg, layer_order(self._experts), self._experts)
+        return rt
 
     @staticmethod
     def _parse_kv(kv: dict | None):
@@ -160,6 +191,11 @@ class MxMoEQuantConfig(QuantizationConfig):
             plan = self.expert_plan(prefix)
             if plan is None:
                 return None
+            if self.offload_cfg is not None and self.offload_cfg.enabled:
+                from mxserve.vllm_plugin.offload_method import OffloadMoEMethod, forward_context
+                ctx = forward_context()
+                return OffloadMoEMethod(plan, prefix, layer.moe_config, self.offload_runtime(), plan_cfg=self.cfg,
+                                        forward_context=ctx)
             from mxserve.vllm_plugin.moe_method import MxMoEMethod
             return MxMoEMethod(plan, prefix, layer.moe_config, plan_cfg=self.cfg)
         if isinstance(layer, VocabParallelEmbedding):
