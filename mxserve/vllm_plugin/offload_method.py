@@ -151,12 +151,16 @@ class OffloadRuntime:
         self.wbf: torch.Tensor | None = None
         self.processed: set[int] = set()
         self.routers: dict[int, torch.Tensor | None] = {}
+        self.caps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}    # layer -> per-projection prefix caps [E]
 
-    def schemes(self, prefix: str, global_ids: list[int]) -> tuple[WeightScheme, WeightScheme, np.ndarray]:
-        """Layout schemes (prefix 4) of gate_up / down and the [E_local] target prefixes of one layer; raises
-        OffloadSetupError naming the expert for a non-nested expert or different gate_up / down prefixes."""
+    def schemes(self, prefix: str, global_ids: list[int]) -> tuple[WeightScheme, WeightScheme, np.ndarray,
+                                                                   np.ndarray]:
+        """Layout schemes (prefix 4) of gate_up / down, the [E_local] target prefixes of one layer (the larger of the
+        two projections' prefixes) and the [2, E_local] per-projection prefixes; raises OffloadSetupError naming the
+        expert for a non-nested expert or a group size / scale dtype that differs between experts."""
         plan = self.plans[prefix]
         tgt = np.zeros(len(global_ids), np.int8)
+        caps = np.zeros((2, len(global_ids)), np.int64)
         first = None
         for loc, g in enumerate(global_ids):
             sg, sd = plan.gate_up[g], plan.down[g]
@@ -164,17 +168,15 @@ class OffloadRuntime:
                 if not s.nested:
                     raise OffloadSetupError(f"mxmoe offload: {prefix}.{g} {proj} scheme {s.name!r} is not nested; "
                                             "every offloaded expert needs an int2 base + planes (quantize --nested)")
-            if sg.bits != sd.bits:
-                raise OffloadSetupError(f"mxmoe offload: {prefix}.{g}: gate_up prefix {sg.bits} != down prefix "
-                                        f"{sd.bits} (an expert runs at one prefix)")
             key = (sg.group_size, sg.scale_dtype, sd.group_size, sd.scale_dtype)
             if first is not None and key != first:
                 raise OffloadSetupError(f"mxmoe offload: {prefix}.{g}: group size / scale dtype {key} differs from "
                                         f"the other experts' {first} (one slot layout per model)")
             first = key
-            tgt[loc] = sg.bits
+            tgt[loc] = max(sg.bits, sd.bits)
+            caps[:, loc] = (sg.bits, sd.bits)
         return (WeightScheme(4, sg.group_size, scale_dtype=sg.scale_dtype, nested=True),
-                WeightScheme(4, sd.group_size, scale_dtype=sd.scale_dtype, nested=True), tgt)
+                WeightScheme(4, sd.group_size, scale_dtype=sd.scale_dtype, nested=True), tgt, caps)
 
     def add_layer(self, prefix: str, hidden: int, inter: int, global_ids: list[int],
                   experts: list[dict[str, torch.Tensor]], device: torch.device) -> None:
@@ -183,7 +185,7 @@ class OffloadRuntime:
         from mxserve.scheduler.expert_cache import ExpertCache
 
         l = self.order[prefix]
-        sg, sd, tgt = self.schemes(prefix, global_ids)
+        sg, sd, tgt, caps = self.schemes(prefix, global_ids)
         layout = PlaneLayout(hidden=hidden, inter=inter, gate_up=sg, down=sd)
         if self.cache is None:
             target = np.full((self.L, len(global_ids)), 4, np.int8)
@@ -199,6 +201,7 @@ class OffloadRuntime:
             raise OffloadSetupError(f"mxmoe offload: {prefix}: layer geometry / schemes differ from the first "
                                     "offloaded layer (one slot layout per model)")
         self.cache.target[l] = tgt
+        self.caps[l] = (torch.from_numpy(caps[0]).to(device), torch.from_numpy(caps[1]).to(device))
         for loc, t in enumerate(experts):
             self.cache.write_expert(l, loc, t)
         self.processed.add(l)
@@ -275,7 +278,7 @@ class OffloadMoEMethod(MxMoEMethod):
             if emap is not None:
                 pred = emap.to(torch.int64)[pred]
         view = rt.cache.ensure(self.layer_idx, ids, next_ids=pred)
-        w = slot_moe_weights(view.pool.buf, view.tables, *rt.offsets, wbf=rt.wbf)
+        w = slot_moe_weights(view.pool.buf, view.tables, *rt.offsets, wbf=rt.wbf, caps=rt.caps[self.layer_idx])
         disabled = envs.disabled_kernels()
         fn = reference.fused_moe if ("triton_moe" in disabled or "all" in disabled) else fused_moe
         return fn(x, w, topk_weights, topk_ids, activation="silu", expert_map=emap)

@@ -66,12 +66,14 @@ class SlotOffsets:
         return _SCALE_DTYPES[self.scale_dtype]
 
 
-def slot_einfo(tables: torch.Tensor, offs: SlotOffsets) -> torch.Tensor:
+def slot_einfo(tables: torch.Tensor, offs: SlotOffsets, cap: torch.Tensor | None = None) -> torch.Tensor:
     """``einfo`` of the slot pool for one projection, on ``tables``' device, without a host sync.
 
     Args:
         tables: [3, E] int32: base slot, upper slot (-1: none), run level (0: not routed, 2..4) per expert.
         offs: the projection's offsets.
+        cap: optional [E] int (device) highest prefix of this projection per expert (the plan's bits when gate_up
+            and down of an expert have different prefixes); the projection runs at ``min(run level, cap)``.
     Returns:
         einfo int64 [E, NFIELDS].
     """
@@ -79,6 +81,8 @@ def slot_einfo(tables: torch.Tensor, offs: SlotOffsets) -> torch.Tensor:
         raise ValueError(f"slot_einfo: tables must be [3, E], got {list(tables.shape)}")
     t = tables.to(torch.int64)
     base, upper, lv = t[0].clamp_min(0), t[1].clamp_min(0), t[2]
+    if cap is not None:
+        lv = torch.where(lv > 0, torch.minimum(lv, cap.to(lv.device, torch.int64)), lv)
     esz = offs.meta_dtype.itemsize
     info = torch.zeros((t.shape[1], NFIELDS), dtype=torch.int64, device=tables.device)
     routed = lv >= 2
@@ -96,7 +100,7 @@ def slot_einfo(tables: torch.Tensor, offs: SlotOffsets) -> torch.Tensor:
 
 
 def slot_projection(buf: torch.Tensor, tables: torch.Tensor, offs: SlotOffsets,
-                    wbf: torch.Tensor | None = None) -> PackedWeights:
+                    wbf: torch.Tensor | None = None, cap: torch.Tensor | None = None) -> PackedWeights:
     """One projection of every expert, read straight from the slot pool.
 
     Args:
@@ -104,6 +108,7 @@ def slot_projection(buf: torch.Tensor, tables: torch.Tensor, offs: SlotOffsets,
         tables: [3, E] int32 residency tables (``ExpertCache.ensure(...).tables``).
         offs: the projection's offsets.
         wbf: a 1-element bf16 placeholder (no bf16 experts here); allocated if None.
+        cap: optional [E] per-expert prefix cap of this projection (``slot_einfo``).
     Returns:
         PackedWeights whose ``qw``/``pw``/``meta`` are views of ``buf`` (no copy) and ``kinds`` = ``SLOT_KINDS``.
     """
@@ -115,16 +120,18 @@ def slot_projection(buf: torch.Tensor, tables: torch.Tensor, offs: SlotOffsets,
     if wbf is None:
         wbf = torch.zeros(1, dtype=torch.bfloat16, device=buf.device)
     return PackedWeights(qw=words, pw=words, meta=flat.view(offs.meta_dtype), wbf=wbf,
-                         einfo=slot_einfo(tables, offs), n=offs.n, k=offs.k, kinds=SLOT_KINDS)
+                         einfo=slot_einfo(tables, offs, cap), n=offs.n, k=offs.k, kinds=SLOT_KINDS)
 
 
 def slot_moe_weights(buf: torch.Tensor, tables: torch.Tensor, gate_up: SlotOffsets, down: SlotOffsets,
-                     wbf: torch.Tensor | None = None) -> MoEWeights:
+                     wbf: torch.Tensor | None = None,
+                     caps: tuple[torch.Tensor, torch.Tensor] | None = None) -> MoEWeights:
     """``MoEWeights`` of one layer over the slot pool (for ``fused_moe``).
 
     Args:
         buf: [S, slot_bytes] uint8 slot pool. tables: [3, E] int32. gate_up: offsets of the [2I, H] projection.
         down: offsets of the [H, I] projection. wbf: optional shared 1-element bf16 placeholder.
+        caps: optional ([E], [E]) per-expert prefix caps of gate_up and down (``slot_einfo``).
     Returns:
         MoEWeights (hidden = H, inter = I).
     """
@@ -133,5 +140,6 @@ def slot_moe_weights(buf: torch.Tensor, tables: torch.Tensor, gate_up: SlotOffse
                          f"not [2I, H] and [H, I]")
     if wbf is None:
         wbf = torch.zeros(1, dtype=torch.bfloat16, device=buf.device)
-    return MoEWeights(slot_projection(buf, tables, gate_up, wbf), slot_projection(buf, tables, down, wbf),
+    cg, cd = caps if caps is not None else (None, None)
+    return MoEWeights(slot_projection(buf, tables, gate_up, wbf, cg), slot_projection(buf, tables, down, wbf, cd),
                       hidden=down.n, inter=down.k)
