@@ -42,7 +42,7 @@ class OffloadSetupError(ValueError):
 
 def layer_order(prefixes) -> dict[str, int]:
     """MoE layer index of each experts-module prefix (sorted by the integers in the name: ``model.layers.3...``)."""
-    key = lambda p: (tuple(int(x) for x in re.findall(r"\.(\d+)(?=\.|$)", p)), p)  # noqa: E731
+    key = lambda p: (tuple(int(x) for x in re.findall(r"\.(\d+)(?=\.|$)", p)), p)
     return {p: i for i, p in enumerate(sorted(prefixes, key=key))}
 
 
@@ -59,7 +59,11 @@ def apply_compilation_hook(vllm_config, offload: OffloadConfig) -> str:
     Raises:
         OffloadSetupError: graphs would capture the MoE op and ``allow_eager_fallback`` is False.
     """
-    from vllm.config.compilation import CompilationConfig, CompilationMode, CUDAGraphMode
+    from vllm.config.compilation import (
+        CompilationConfig,
+        CompilationMode,
+        CUDAGraphMode,
+    )
 
     if not offload.enabled:
         return "disabled"
@@ -128,7 +132,7 @@ def forward_context() -> dict | None:
     from vllm.config import get_current_vllm_config
     try:
         return get_current_vllm_config().compilation_config.static_forward_context
-    except Exception:          # no current config (vLLM raises): look-ahead disabled
+    except Exception:  # noqa: BLE001 -- no current config (vLLM raises a bare error): look-ahead disabled
         logger.warning("mxmoe offload: no current vLLM config while building the MoE method; look-ahead disabled")
         return None
 

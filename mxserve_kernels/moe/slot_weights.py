@@ -21,9 +21,25 @@ from dataclasses import dataclass
 
 import torch
 
-from mxserve_kernels._common.layout import (F_BITS, F_GROUP, F_KIND, F_MOFF, F_NPLANES, F_PMOFF, F_PMSTEP, F_POFF,
-                                            F_PWSTEP, F_QOFF, KIND_INT, KIND_NESTED, KIND_NONE, NFIELDS, OFF_UNIT,
-                                            PackedWeights, kind_bit)
+from mxserve_kernels._common.layout import (
+    F_BITS,
+    F_GROUP,
+    F_KIND,
+    F_MOFF,
+    F_NPLANES,
+    F_PMOFF,
+    F_PMSTEP,
+    F_POFF,
+    F_PWSTEP,
+    F_QOFF,
+    KIND_INT,
+    KIND_NESTED,
+    KIND_NONE,
+    NFIELDS,
+    OFF_UNIT,
+    PackedWeights,
+    kind_bit,
+)
 from mxserve_kernels.moe.weights import MoEWeights
 
 _SCALE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

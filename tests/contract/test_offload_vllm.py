@@ -31,6 +31,7 @@ def _model(vllm_cpu, offload: dict | None, n_layers: int = 2, schemes=SCHEMES, d
     """n_layers FusedMoE layers of one model (one quant config); layer i+1 holds a router gate for look-ahead."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.layers.fused_moe import FusedMoE
+
     from mxserve.vllm_plugin.quant_config import MxMoEQuantConfig
     base = next(_ids)
     pfx = [f"model.layers.{base * 10 + i}.mlp.experts" for i in range(n_layers)]
@@ -148,9 +149,18 @@ def _vcfg(**cc):
 
 
 def test_compilation_hook_makes_moe_a_splitting_op(caplog):
-    from vllm.config.compilation import CompilationConfig, CompilationMode, CUDAGraphMode
+    from vllm.config.compilation import (
+        CompilationConfig,
+        CompilationMode,
+        CUDAGraphMode,
+    )
+
     from mxserve.scheduler.config import OffloadConfig
-    from mxserve.vllm_plugin.offload_method import MOE_OPS, OffloadSetupError, apply_compilation_hook
+    from mxserve.vllm_plugin.offload_method import (
+        MOE_OPS,
+        OffloadSetupError,
+        apply_compilation_hook,
+    )
     v = _vcfg(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE)
     assert apply_compilation_hook(v, OffloadConfig()) == "piecewise"
     cc = v.compilation_config
@@ -179,7 +189,12 @@ def test_config_hook_wraps_platform_once(vllm_cpu):
     post-step applies the hook for mxmoe offload models only."""
     import vllm.platforms as P
     from vllm.config.compilation import CompilationMode, CUDAGraphMode
-    from mxserve.vllm_plugin.offload_method import MOE_OPS, install_config_hook, offload_config_update
+
+    from mxserve.vllm_plugin.offload_method import (
+        MOE_OPS,
+        install_config_hook,
+        offload_config_update,
+    )
     from mxserve.vllm_plugin.quant_config import MxMoEQuantConfig
     qc = MxMoEQuantConfig.from_config({"quant_method": "mxmoe", "version": 1, "offload": {"version": 1}})
     cls = type(P.current_platform)

@@ -22,14 +22,15 @@ from tests.tolerances import OFFLOAD_GREEDY_AGREE_MIN, OFFLOAD_KLD_MAX
 
 pytestmark = pytest.mark.gpu
 
-GEOM = dict(layers=6, experts=8, top_k=2, hidden=256, inter=128, vocab=1024, heads=4, kv_heads=2, head_dim=64)
+GEOM = {"layers": 6, "experts": 8, "top_k": 2, "hidden": 256, "inter": 128, "vocab": 1024, "heads": 4,
+        "kv_heads": 2, "head_dim": 64}
 OFFLOAD = {"version": 1, "gpu_budget_fraction": 0.25, "on_miss": "wait", "lookahead": 1, "policy": "hebf"}
 SERVER_ARGS = ["-q", "mxmoe", "--max-model-len", "512", "--gpu-memory-utilization", "0.15", "--max-num-seqs", "16",
                "--max-logprobs", "-1", "--seed", "0"]
 PROMPTS = ["def main(", "import os\n", "class Foo:\n    def ", "for i in range(", "return self.", "x = [",
            "if __name__ == ", "with open("]
 GEN_TOKENS = 32
-SAMPLE = re.compile(r'^(mxserve:expert_[a-z_]+)(\{[^}]*\})? (\S+)$', re.M)
+SAMPLE = re.compile(r'^(mxserve:expert_[a-z_]+)(\{[^}]*\})? (\S+)$', re.MULTILINE)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,8 @@ def checkpoints(tmp_path_factory):
     for name in os.listdir(res):
         if name != "config.json":
             os.symlink(res / name, off / name)
-    cfg = json.load(open(res / "config.json"))
+    with open(res / "config.json") as f:
+        cfg = json.load(f)
     assert {s for p in cfg["quantization_config"]["experts"].values() for s in p["gate_up"] + p["down"]} == {
         "int2_g128_asym_nested4"}
     cfg["quantization_config"]["offload"] = OFFLOAD

@@ -17,7 +17,12 @@ from mxserve_kernels._common.synth import random_canonical
 from mxserve_kernels.formats import WeightScheme
 from mxserve_kernels.moe import prepare_experts
 from mxserve_kernels.moe import reference as moe_ref
-from mxserve_kernels.moe.slot_weights import SLOT_KINDS, SlotOffsets, slot_einfo, slot_moe_weights
+from mxserve_kernels.moe.slot_weights import (
+    SLOT_KINDS,
+    SlotOffsets,
+    slot_einfo,
+    slot_moe_weights,
+)
 from mxserve_kernels.quant.reference import dequantize
 from tests.tolerances import BIT_EXACT
 
