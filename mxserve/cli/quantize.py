@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 
 def add_parser(sub) -> None:
@@ -47,6 +48,13 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _stderr_line(msg: str) -> None:
+    """One progress line on stderr (stdout stays pure JSON with --json); tqdm-safe when bars are shown."""
+    from tqdm import tqdm
+    tqdm.write(msg, file=sys.stderr)
+    sys.stderr.flush()
+
+
 def run(args) -> int:
     from mxserve.quant.api import quantize_checkpoint
     synthetic = None
@@ -71,7 +79,7 @@ def run(args) -> int:
                             candidates=args.candidates.split(",") if args.candidates else None,
                             sens_norm=args.sens_norm, per_layer_budget=args.per_layer_budget,
                             sens_holdout=args.sens_holdout, synthetic=synthetic,
-                            hadamard=args.hadamard)
+                            hadamard=args.hadamard, log=_stderr_line)
     if args.json:
         print(json.dumps(s, indent=1))
     else:

@@ -20,6 +20,7 @@ from mxserve.quant.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, calibrat
 from mxserve.quant.expert_quant import QuantOptions, quantize_stack, split_rows
 from mxserve.quant.gptq.driver import LayerDriver
 from mxserve.quant.hadamard import can_rotate, rotate_layer_attention
+from mxserve.quant.memory import LayerMeter, layer_peak_bytes
 from mxserve.quant.router_stats import RouterStats
 from mxserve.quant.sensitivity import block_errors
 from mxserve_kernels.formats import BF16, INT_BITS, WeightScheme
@@ -97,6 +98,7 @@ class _Job:
         self.layer_energy: dict[int, float] = {}
         self.holdout = True
         self.hadamard, self.seed, self.rotated = False, 0, []
+        self.meter = LayerMeter(device, self.geo["layers"])
 
     # ---- names ----------------------------------------------------------------------------------------------
     def dense_targets(self, layer_mod, l: int) -> dict[str, tuple[str, WeightScheme]]:
@@ -134,43 +136,48 @@ class _Job:
         """
         sens, numel, times = {}, {}, {}
         for l in _progress(range(self.geo["layers"]), "sensitivity", self.progress):
-            layer = drv.open_layer(l)
-            if self.is_moe(layer):
-                gptq = self.opts.method == "gptq"
-                data = drv.collect(l, [], hessians=gptq and not self.holdout)
-                ex = layer.mlp.experts
-                e = ex.gate_up_proj.shape[0]
-                self.stats.update(l, data.topk_idx, e)
-                gu, dn = ex.gate_up_proj.float(), ex.down_proj.float()
-                h, idx, w = data.h, data.topk_idx, data.topk_w
-                hg, hd = data.h_gate_up, data.h_down
-                if self.holdout:   # fit on the first half of the tokens, score on the second (out of sample)
-                    half = h.shape[0] // 2
-                    if gptq:
-                        hg, hd = drv.expert_hessians(layer.mlp, h[:half], idx[:half])
-                    h, idx, w = h[half:], idx[half:], w[half:]
-                per = {}
-                for s in self.cands:
-                    qgu, _ = quantize_stack(gu, hg, s, self.opts, want_tensors=False)
-                    qdn, _ = quantize_stack(dn, hd, s, self.opts, want_tensors=False)
-                    per[s.name] = block_errors(h, idx, w, gu, dn, qgu, qdn, ex.act_fn)
-                    del qgu, qdn
-                del hg, hd
-                self.layer_energy[l] = drv.output_energy()
-                m = self.stats.tokens_per_expert(l, SERVING_BATCH_TOKENS)
-                two_i, hid = gu.shape[1], gu.shape[2]
-                for x in range(e):
-                    for j, blk in enumerate(("gate_up", "down")):
-                        key = (l, x, blk)
-                        sens[key] = {n: float(v[x, j]) for n, v in per.items()}
-                        numel[key] = two_i * hid if blk == "gate_up" else hid * (two_i // 2)
-                        nk = (two_i, hid) if blk == "gate_up" else (hid, two_i // 2)
-                        if r > 0:
-                            times[key] = {s.name: expert_gemm_time_us(s.name, m[x], *nk) for s in self.cands}
-                del data
-            drv.advance(l, recompute=False)
-            drv.close_layer(l)
+            with self.meter.layer("sensitivity", l):
+                self._sensitivity_layer(drv, l, r, sens, numel, times)
         return sens, numel, times
+
+    def _sensitivity_layer(self, drv: LayerDriver, l: int, r: float, sens: dict, numel: dict, times: dict) -> None:
+        """One layer of pass 1 (its tensors are locals: all freed on return, see ``mxserve.quant.memory``)."""
+        layer = drv.open_layer(l)
+        if self.is_moe(layer):
+            gptq = self.opts.method == "gptq"
+            data = drv.collect(l, [], hessians=gptq and not self.holdout)
+            ex = layer.mlp.experts
+            e = ex.gate_up_proj.shape[0]
+            self.stats.update(l, data.topk_idx, e)
+            gu, dn = ex.gate_up_proj.float(), ex.down_proj.float()
+            h, idx, w = data.h, data.topk_idx, data.topk_w
+            hg, hd = data.h_gate_up, data.h_down
+            del data
+            if self.holdout:   # fit on the first half of the tokens, score on the second (out of sample)
+                half = h.shape[0] // 2
+                if gptq:
+                    hg, hd = drv.expert_hessians(layer.mlp, h[:half], idx[:half])
+                h, idx, w = h[half:], idx[half:], w[half:]
+            per = {}
+            for s in self.cands:
+                qgu, _ = quantize_stack(gu, hg, s, self.opts, want_tensors=False)
+                qdn, _ = quantize_stack(dn, hd, s, self.opts, want_tensors=False)
+                per[s.name] = block_errors(h, idx, w, gu, dn, qgu, qdn, ex.act_fn)
+                del qgu, qdn
+            del hg, hd, gu, dn, h, idx, w
+            self.layer_energy[l] = drv.output_energy()
+            m = self.stats.tokens_per_expert(l, SERVING_BATCH_TOKENS)
+            two_i, hid = ex.gate_up_proj.shape[1], ex.gate_up_proj.shape[2]
+            for x in range(e):
+                for j, blk in enumerate(("gate_up", "down")):
+                    key = (l, x, blk)
+                    sens[key] = {n: float(v[x, j]) for n, v in per.items()}
+                    numel[key] = two_i * hid if blk == "gate_up" else hid * (two_i // 2)
+                    nk = (two_i, hid) if blk == "gate_up" else (hid, two_i // 2)
+                    if r > 0:
+                        times[key] = {s.name: expert_gemm_time_us(s.name, m[x], *nk) for s in self.cands}
+        drv.advance(l, recompute=False)
+        drv.close_layer(l)
 
     # ---- pass 2 ---------------------------------------------------------------------------------------------
     def rotate(self, layer, l: int, dense: dict) -> dict[str, torch.Tensor]:
@@ -185,61 +192,82 @@ class _Job:
         return rotate_layer_attention(layer, hd, self.seed + l)
 
     def quantize(self, drv: LayerDriver, plan: BitPlan, writer: AtomicCheckpointWriter) -> dict[str, WeightScheme]:
+        """Pass 2: quantize every layer with ``plan`` (sequential: later layers see quantized inputs)."""
         modules: dict[str, WeightScheme] = {}
-        a = self.arch
         for l in _progress(range(self.geo["layers"]), "quantize", self.progress):
-            layer = drv.open_layer(l)
-            dense = self.dense_targets(layer, l)
-            rot = self.rotate(layer, l, dense)
-            need_h = self.opts.method == "gptq"
-            moe = self.is_moe(layer)
-            data = drv.collect(l, list(dense), hessians=need_h)
-            if moe and l not in self.stats.counts:
-                self.stats.update(l, data.topk_idx, layer.mlp.experts.gate_up_proj.shape[0])
-            written: set[str] = set()
-            for name, (hub, scheme) in dense.items():
-                mod = dict(layer.named_modules())[name]
-                hh = data.dense_h.get(name)
-                w = rot.get(name, mod.weight).float()   # fp32 rotated weight when rotated (no bf16 rounding)
-                dq, tens = quantize_stack(w.unsqueeze(0), None if hh is None else hh.unsqueeze(0),
-                                          scheme, self.opts)
-                self._write(writer, hub, tens[0])
-                if mod.bias is not None:   # the bias of a quantized linear stays float (rotated with v_proj)
-                    dt = self.ckpt.tensor(f"{hub}.bias").dtype
-                    writer.add(f"{hub}.bias", rot.get(f"{name}.bias", mod.bias).detach().to("cpu", dt))
-                drv.set_dense_weight(l, name, dq[0])
-                modules[hub] = scheme
-                written.add(hub)
-            if moe:
-                ex = layer.mlp.experts
-                e = ex.gate_up_proj.shape[0]
-                gu_s, dn_s = plan.layer_schemes(l, e)
-                new_gu = ex.gate_up_proj.float().clone()
-                new_dn = ex.down_proj.float().clone()
-                inter = ex.down_proj.shape[2]
-                for blk, schemes, w, hh, new in (("gate_up", gu_s, ex.gate_up_proj, data.h_gate_up, new_gu),
-                                                 ("down", dn_s, ex.down_proj, data.h_down, new_dn)):
-                    for s in sorted(set(schemes), key=lambda s: s.name):
-                        sel = [x for x in range(e) if schemes[x] == s]
-                        dq, tens = quantize_stack(w[sel].float(), None if hh is None else hh[sel], s, self.opts)
-                        new[sel] = dq.to(new.dtype)
-                        for x, t in zip(sel, tens):
-                            if blk == "gate_up":
-                                tg, tu = split_rows(t, inter)
-                                self._write(writer, a.expert_proj(l, x, "gate"), tg)
-                                self._write(writer, a.expert_proj(l, x, "up"), tu)
-                            else:
-                                self._write(writer, a.expert_proj(l, x, "down"), t)
-                for x in range(e):
-                    written.update(a.expert_proj(l, x, w) for w in ("gate", "up", "down"))
-                drv.set_expert_weights(l, new_gu, new_dn)
-            for name in self.ckpt.non_linear_names(l):
-                if name.rsplit(".", 1)[0] not in written:
-                    writer.add(name, self.ckpt.tensor(name))
-            del data
-            drv.advance(l, recompute=True)
-            drv.close_layer(l)
+            with self.meter.layer("quantize", l):
+                self._quantize_layer(drv, l, plan, writer, modules)
         return modules
+
+    def _quantize_layer(self, drv: LayerDriver, l: int, plan: BitPlan, writer: AtomicCheckpointWriter,
+                        modules: dict[str, WeightScheme]) -> None:
+        """One layer of pass 2 (its tensors are locals: all freed on return)."""
+        a = self.arch
+        layer = drv.open_layer(l)
+        dense = self.dense_targets(layer, l)
+        rot = self.rotate(layer, l, dense)
+        need_h = self.opts.method == "gptq"
+        moe = self.is_moe(layer)
+        data = drv.collect(l, list(dense), hessians=need_h)
+        if moe and l not in self.stats.counts:
+            self.stats.update(l, data.topk_idx, layer.mlp.experts.gate_up_proj.shape[0])
+        written: set[str] = set()
+        for name, (hub, scheme) in dense.items():
+            mod = dict(layer.named_modules())[name]
+            hh = data.dense_h.get(name)
+            w = rot.get(name, mod.weight).float()   # fp32 rotated weight when rotated (no bf16 rounding)
+            dq, tens = quantize_stack(w.unsqueeze(0), None if hh is None else hh.unsqueeze(0),
+                                      scheme, self.opts)
+            self._write(writer, hub, tens[0])
+            if mod.bias is not None:   # the bias of a quantized linear stays float (rotated with v_proj)
+                dt = self.ckpt.tensor(f"{hub}.bias").dtype
+                writer.add(f"{hub}.bias", rot.get(f"{name}.bias", mod.bias).detach().to("cpu", dt))
+            drv.set_dense_weight(l, name, dq[0])
+            modules[hub] = scheme
+            written.add(hub)
+        del rot
+        if moe:
+            ex = layer.mlp.experts
+            e = ex.gate_up_proj.shape[0]
+            gu_s, dn_s = plan.layer_schemes(l, e)
+            new_gu = ex.gate_up_proj.to(torch.float32, copy=True)
+            new_dn = ex.down_proj.to(torch.float32, copy=True)
+            inter = ex.down_proj.shape[2]
+            blocks = (("gate_up", gu_s, ex.gate_up_proj, data.h_gate_up, new_gu),
+                      ("down", dn_s, ex.down_proj, data.h_down, new_dn))
+            del data
+            for blk, schemes, w, hh, new in blocks:
+                for s in sorted(set(schemes), key=lambda s: s.name):
+                    sel = [x for x in range(e) if schemes[x] == s]
+                    every = len(sel) == e        # one scheme for all experts: no gathered copies
+                    ws = w.float() if every else w[sel].float()
+                    hs = hh if hh is None or every else hh[sel]
+                    dq, tens = quantize_stack(ws, hs, s, self.opts)
+                    del ws, hs
+                    if every:
+                        new.copy_(dq)
+                    else:
+                        new[sel] = dq.to(new.dtype)
+                    del dq
+                    for x, t in zip(sel, tens):
+                        if blk == "gate_up":
+                            tg, tu = split_rows(t, inter)
+                            self._write(writer, a.expert_proj(l, x, "gate"), tg)
+                            self._write(writer, a.expert_proj(l, x, "up"), tu)
+                        else:
+                            self._write(writer, a.expert_proj(l, x, "down"), t)
+            del blocks
+            for x in range(e):
+                written.update(a.expert_proj(l, x, w) for w in ("gate", "up", "down"))
+            drv.set_expert_weights(l, new_gu, new_dn)
+            del new_gu, new_dn
+        else:
+            del data
+        for name in self.ckpt.non_linear_names(l):
+            if name.rsplit(".", 1)[0] not in written:
+                writer.add(name, self.ckpt.tensor(name))
+        drv.advance(l, recompute=True)
+        drv.close_layer(l)
 
     @staticmethod
     def _write(writer: AtomicCheckpointWriter, module: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -275,7 +303,7 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
                         clip_search: bool = False, force: bool = False, candidates: list[str] | None = None,
                         sens_norm: str = "layer", per_layer_budget: bool = False, sens_holdout: bool = True,
                         synthetic=None, hadamard: bool = False,
-                        sens_cache: dict | None = None) -> dict:
+                        sens_cache: dict | None = None, log=None) -> dict:
     """Quantize an HF MoE checkpoint; writes ``dst`` atomically and returns a summary dict.
 
     Args:
@@ -299,9 +327,26 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
         hadamard: rotate each layer's attention v_proj/o_proj pair per head by a randomised Hadamard before
             quantizing them (exact offline, no runtime op; needs ``attn_bits`` and a power-of-two head_dim; experts
             and q/k are never rotated: see ``mxserve.quant.hadamard``).
+        log: called with one progress line per layer and pass ("layer 3/48 sensitivity 9.8 s, peak 23.1 GiB";
+            the peak is CUDA's max_memory_allocated, reset per layer); None = silent.
     Returns:
-        summary: {"dst", "avg_bits", "histogram", "timings", ...} (also stored under quantization_config.meta).
+        summary: {"dst", "avg_bits", "histogram", "timings", "memory", ...} (timings also stored under
+        quantization_config.meta). ``memory``: per-pass {"s", "max_layer_s", "peak_gib"} measured, and the
+        ``mxserve.quant.memory.layer_peak_bytes`` estimate in GiB.
     """
+    with torch.no_grad():   # nothing here needs autograd; a recorded graph kept every layer alive (issue 3)
+        return _quantize_checkpoint(src, dst, bits=bits, calib=calib, method=method, nested=nested,
+                                    attn_bits=attn_bits, group_size=group_size, uniform=uniform, seed=seed,
+                                    device=device, progress=progress, shared_bits=shared_bits, seq_len=seq_len,
+                                    n_samples=n_samples, cost_weight=cost_weight, clip_search=clip_search,
+                                    force=force, candidates=candidates, sens_norm=sens_norm,
+                                    per_layer_budget=per_layer_budget, sens_holdout=sens_holdout,
+                                    synthetic=synthetic, hadamard=hadamard, sens_cache=sens_cache, log=log)
+
+
+def _quantize_checkpoint(src, dst, *, bits, calib, method, nested, attn_bits, group_size, uniform, seed, device,
+                         progress, shared_bits, seq_len, n_samples, cost_weight, clip_search, force, candidates,
+                         sens_norm, per_layer_budget, sens_holdout, synthetic, hadamard, sens_cache, log) -> dict:
     t0 = time.time()
     torch.manual_seed(seed)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -331,6 +376,7 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
     ids, calib_info = calibration_ids(calib, ckpt.path, ckpt.config["vocab_size"], seq_len=seq_len,
                                       n_samples=n_samples, seed=seed)
     job = _Job(ckpt, opts, cands, attn_scheme, shared_scheme, device, progress)
+    job.meter.log = log
     job.holdout = sens_holdout
     if hadamard and attn_scheme is None:
         raise ValueError("--hadamard rotates the attention v_proj/o_proj pair: it needs --attn-bits (< 16)")
@@ -389,13 +435,14 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
             hist[s.name] = hist.get(s.name, 0) + 1
         timings["total_s"] = round(time.time() - t0, 2)
         timings["per_layer_s"] = round((timings.get("sensitivity_s", 0.0) + timings["quantize_s"]) / geo["layers"], 3)
+        memory = _memory_summary(job, drv, opts, device, cands, plan)
         experts = {}
         for l in sorted({k[0] for k in plan.schemes}):
             gu, dn = plan.layer_schemes(l, geo["experts"])
             experts[ckpt.arch.experts_prefix(l)] = ExpertPlan(tuple(gu), tuple(dn))
         meta = {"quant_version": QUANT_VERSION, "method": method, "nested": nested, "uniform": uniform,
                 "target_bits": bits, "avg_bits": round(plan.avg_bits, 6), "group_size": group_size,
-                "calibration": calib_info, "seed": seed, "timings": timings, "device": str(device),
+                "calibration": calib_info, "seed": seed, "timings": timings, "memory": memory, "device": str(device),
                 "allocator": {"status": plan.status, "mip_gap": plan.mip_gap, "cost_weight": cost_weight,
                               "sens_norm": sens_norm, "per_layer_budget": per_layer_budget,
                               "sens_holdout": sens_holdout,
@@ -407,5 +454,18 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
         config = dict(ckpt.config, quantization_config=qc.to_dict())
         writer.commit(config, copy_from=ckpt.path)
     return {"dst": str(dst), "source": str(ckpt.path), "layers": geo["layers"], "avg_bits": plan.avg_bits,
-            "histogram": hist, "timings": timings,
+            "histogram": hist, "timings": timings, "memory": memory,
             "calibration": calib_info, "allocator": meta["allocator"]}
+
+
+def _memory_summary(job: _Job, drv: LayerDriver, opts: QuantOptions, device: torch.device, cands,
+                    plan: BitPlan) -> dict:
+    """Measured per-pass time/peak (``LayerMeter``) next to the ``layer_peak_bytes`` estimate (GiB)."""
+    other = sum(p.numel() for n, p in drv.layer(0).named_parameters() if ".experts." not in f".{n}")
+    used = set(plan.schemes.values()) | set(cands)
+    est = layer_peak_bytes(job.geo, drv.tokens, compute_bytes=torch.finfo(drv.dtype).bits // 8,
+                           expert_chunk=opts.expert_chunk, other_params=other,
+                           one_bit=any(c.bits == 1 for c in used),
+                           pack_bits=max([s.bits for s in plan.schemes.values() if s.bits < 16] or [1]))
+    return {"device": str(device), "expert_chunk": opts.expert_chunk, "passes": job.meter.summary(),
+            "estimate_gib": {k: round(v / (1 << 30), 3) for k, v in est.items()}, "estimate_bytes": est}

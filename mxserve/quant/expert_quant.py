@@ -26,6 +26,7 @@ class QuantOptions:
             raise ValueError(f"--method must be 'gptq' or 'rtn', got {self.method!r}")
 
 
+@torch.no_grad()
 def quantize_stack(w: torch.Tensor, h: torch.Tensor | None, scheme: WeightScheme, opts: QuantOptions,
                    want_tensors: bool = True) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None]:
     """Quantize E weights with one scheme.
@@ -36,6 +37,8 @@ def quantize_stack(w: torch.Tensor, h: torch.Tensor | None, scheme: WeightScheme
         want_tensors: also return packed checkpoint tensors per expert (CPU).
     Returns:
         (dequantized float32 [E, N, K] at ``scheme``, [E] dicts of checkpoint tensors or None).
+        No autograd graph is recorded (``w`` may be a layer's nn.Parameter). Device memory: the output plus one
+        chunk's GPTQ temporaries (``mxserve.quant.memory.gptq_chunk_bytes``).
     """
     e, n, k = w.shape
     if scheme.bits == 16:
@@ -48,7 +51,7 @@ def quantize_stack(w: torch.Tensor, h: torch.Tensor | None, scheme: WeightScheme
             deqs.append(d[scheme.bits])
             tens.append(t)
         return torch.stack(deqs), (tens if want_tensors else None)
-    deqs, tens = [], []
+    deq, tens = None, []
     for c0 in range(0, e, opts.expert_chunk):
         wc = w[c0:c0 + opts.expert_chunk]
         if opts.method == "gptq" and h is not None:
@@ -57,14 +60,20 @@ def quantize_stack(w: torch.Tensor, h: torch.Tensor | None, scheme: WeightScheme
                                                 clip_search=opts.clip_search)
         else:
             codes, params, dq = quantize_rtn(wc, scheme, clip_search=opts.clip_search)
-        deqs.append(dq.float())
+        if c0 == 0 and dq.shape[0] == e:
+            deq = dq.float()           # one chunk: no copy
+        else:
+            if deq is None:
+                deq = torch.empty((e, n, k), dtype=torch.float32, device=dq.device)
+            deq[c0:c0 + dq.shape[0]] = dq
+        del dq
         if want_tensors:
             ec = wc.shape[0]
             flat = pack(scheme, codes.reshape(ec * n, k),
                         GroupParams(params.scales.reshape(ec * n, -1),
                                     None if params.zeros is None else params.zeros.reshape(ec * n, -1)))
             tens += [{name: t.view(ec, n, -1)[i].clone() for name, t in flat.items()} for i in range(ec)]
-    return torch.cat(deqs), (tens if want_tensors else None)
+    return deq, (tens if want_tensors else None)
 
 
 def split_rows(tensors: dict[str, torch.Tensor], n_first: int) -> tuple[dict, dict]:

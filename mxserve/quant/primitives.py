@@ -20,6 +20,8 @@ MAX_SHRINK = 0.75
 # 1-bit: clip-search grid of level spreads around the 2-means solution (fraction of its spread), and Lloyd steps.
 ONE_BIT_CLIP = (0.8, 0.9, 1.0, 1.1, 1.25)
 LLOYD_ITERS = 8
+# Device bytes of pack_codes temporaries per call (codes are packed in row blocks under this).
+PACK_TEMP_BYTES = 32 << 20
 
 
 @dataclass
@@ -71,12 +73,14 @@ def two_level_params(w: torch.Tensor, scheme: WeightScheme, col_weight: torch.Te
         cw = _grouped(col_weight.float().clamp_min(0).unsqueeze(-2), g).expand_as(wg) + 1e-12
     lo_v, hi_v = wg.amin(-1), wg.amax(-1)
     t = (wg * cw).sum(-1) / cw.sum(-1)
-    for _ in range(iters):
+    for _ in range(iters):   # weights split by side (where/subtract: same values as cw * mask, fewer temporaries)
         above = wg > t.unsqueeze(-1)
-        wa = cw * above
-        wb = cw * ~above
+        wa = torch.where(above, cw, 0.0)
+        del above
+        wb = cw - wa
         c_hi = torch.where(wa.sum(-1) > 0, (wg * wa).sum(-1) / wa.sum(-1).clamp_min(1e-30), hi_v)
         c_lo = torch.where(wb.sum(-1) > 0, (wg * wb).sum(-1) / wb.sum(-1).clamp_min(1e-30), lo_v)
+        del wa, wb
         t = 0.5 * (c_lo + c_hi)
     sd = scale_torch_dtype(scheme)
     return GroupParams(scales=(c_hi - c_lo).to(sd).float(), zeros=c_lo.to(sd).float())
@@ -161,14 +165,24 @@ def search_clip(w: torch.Tensor, scheme: WeightScheme, col_weight: torch.Tensor 
     return best
 
 
+def pack_temp_bytes(rows: int, k: int, bits: int) -> int:
+    """Device bytes of ``pack_codes``'s int64 temporaries for [rows, K] codes (code, bit planes, weighted bits)."""
+    return rows * k * (8 + 16 * bits)
+
+
 def pack(scheme: WeightScheme, codes: torch.Tensor, params: GroupParams) -> dict[str, torch.Tensor]:
     """Canonical checkpoint tensors of one [N, K] weight (names from ``formats.tensor_names``), on CPU.
 
-    Packing runs on the codes' device (fast on GPU), results are moved to CPU."""
+    Packing runs on the codes' device (fast on GPU) in row blocks whose int64 temporaries stay under
+    ``PACK_TEMP_BYTES`` (rows pack independently: same bytes as one call), results are moved to CPU."""
     if codes.dim() != 2:
         raise ValueError(f"pack: expected [N, K] codes, got {list(codes.shape)}")
     sd = scale_torch_dtype(scheme)
-    out = {"qweight": pack_codes(codes, scheme.bits).cpu(), "scales": params.scales.to(sd).cpu().contiguous()}
+    n, k = codes.shape
+    rows = max(1, PACK_TEMP_BYTES // max(pack_temp_bytes(1, k, scheme.bits), 1))
+    parts = [pack_codes(codes[r:r + rows], scheme.bits).cpu() for r in range(0, max(n, 1), rows)]
+    qweight = parts[0] if len(parts) == 1 else torch.cat(parts)
+    out = {"qweight": qweight, "scales": params.scales.to(sd).cpu().contiguous()}
     if not scheme.symmetric:
         out["zeros"] = params.zeros.to(sd).cpu().contiguous()
     return out

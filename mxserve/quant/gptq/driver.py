@@ -101,8 +101,11 @@ class LayerDriver:
         return self.model.model.layers[l]
 
     def open_layer(self, l: int) -> torch.nn.Module:
+        """Materialise layer ``l`` on the device, parameters frozen: nothing downstream may record autograd
+        graphs on them (a graph kept the layer's weights and GPTQ temporaries alive past ``close_layer``)."""
         layer = self.layer(l)
         materialize(self.ckpt, layer, f"model.layers.{l}", self.dtype, self.device)
+        layer.requires_grad_(False)
         return layer
 
     def close_layer(self, l: int) -> None:
@@ -150,6 +153,7 @@ class LayerDriver:
         if not is_moe:
             return LayerData(None, None, None, None, None, dense_h)
         h = torch.cat(captured)
+        captured.clear()
         with torch.no_grad():
             _, w, idx = moe.gate(h)
         hg = hd_ = None

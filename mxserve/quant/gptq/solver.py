@@ -64,6 +64,7 @@ def _upper_inverse_chol(h: torch.Tensor) -> torch.Tensor:
     if int(info.max()) != 0:
         raise ValueError("GPTQ: Hessian is not positive definite even after damping (increase damp)")
     hinv = torch.cholesky_inverse(lower)
+    del lower                                                  # peak 3 Hessian-sized buffers, not 4
     return torch.linalg.cholesky(hinv, upper=True)
 
 
@@ -105,6 +106,7 @@ def gptq_loop(w: torch.Tensor, hinv: torch.Tensor, quant_col: ColumnQuantizer,
     return out
 
 
+@torch.no_grad()
 def quantize_weight(w: torch.Tensor, h: torch.Tensor, scheme: WeightScheme, *, damp: float = DEFAULT_DAMP,
                     act_order: bool = True, static_groups: bool = True, clip_search: bool = False,
                     block: int = DEFAULT_BLOCK) -> tuple[torch.Tensor, GroupParams, torch.Tensor]:
@@ -121,6 +123,8 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, scheme: WeightScheme, *, d
     Returns:
         (codes uint8 [E, N, K], GroupParams with [E, N, K/G] tensors, dequantized GPTQ_PRECISION [E, N, K]),
         all in original column order, batch dim dropped again if the input was 2-D.
+        Runs without autograd: a ``w`` that requires grad (an nn.Parameter) must not record the column sweep,
+        whose in-place updates of saved tensors form reference cycles that are never freed (issue 3).
     """
     if scheme.bits == 16 or scheme.nested:
         raise ValueError(f"GPTQ quantize_weight: scheme {scheme.name} is not a plain integer scheme")
@@ -139,7 +143,7 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, scheme: WeightScheme, *, d
     ng = k // g
     ar = torch.arange(e, device=w.device)
     if static_groups:
-        dh = torch.diagonal(h, dim1=-2, dim2=-1)
+        dh = torch.diagonal(h, dim1=-2, dim2=-1).clone()   # [E, K] copy: a view would pin the [E, K, K] H
         clip = search_clip(w, scheme, dh) if clip_search else 1.0
         params = group_params(w, scheme, clip, dh)   # diag-H weighted 2-means levels at 1 bit
     else:
@@ -152,6 +156,7 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, scheme: WeightScheme, *, d
     else:
         perm = torch.arange(k, device=w.device).expand(e, k)
     hinv = _upper_inverse_chol(h)
+    del h                                                      # only H^-1's factor is needed from here
 
     def quant_col(wc: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
         orig = perm[:, int(col)]                                # [E]
@@ -169,6 +174,7 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, scheme: WeightScheme, *, d
             params.zeros[..., col // g] = p.zeros[..., 0]
 
     dq = gptq_loop(w, hinv, quant_col, None if static_groups else group_start, g, block)
+    del w, hinv
     inv = torch.argsort(perm, dim=-1)
     dq = torch.gather(dq, -1, inv.unsqueeze(1).expand(e, n, k))
     if squeeze:
