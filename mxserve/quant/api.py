@@ -330,9 +330,10 @@ def quantize_checkpoint(src, dst, *, bits: float, calib: str | None, method: str
         log: called with one progress line per layer and pass ("layer 3/48 sensitivity 9.8 s, peak 23.1 GiB";
             the peak is CUDA's max_memory_allocated, reset per layer); None = silent.
     Returns:
-        summary: {"dst", "avg_bits", "histogram", "timings", "memory", ...} (timings also stored under
-        quantization_config.meta). ``memory``: per-pass {"s", "max_layer_s", "peak_gib"} measured, and the
-        ``mxserve.quant.memory.layer_peak_bytes`` estimate in GiB.
+        summary: {"dst", "avg_bits", "histogram", "timings", "memory", ...} (timings and memory also stored
+        under quantization_config.meta). ``memory``: "passes" {phase: {"s", "max_layer_s", "peak_gib"}},
+        "layers" {phase: [{"layer", "s", "peak_bytes"}]} (peaks CUDA only), and the
+        ``mxserve.quant.memory.layer_peak_bytes`` estimate ("estimate_gib", "estimate_bytes").
     """
     with torch.no_grad():   # nothing here needs autograd; a recorded graph kept every layer alive (issue 3)
         return _quantize_checkpoint(src, dst, bits=bits, calib=calib, method=method, nested=nested,
@@ -468,4 +469,5 @@ def _memory_summary(job: _Job, drv: LayerDriver, opts: QuantOptions, device: tor
                            one_bit=any(c.bits == 1 for c in used),
                            pack_bits=max([s.bits for s in plan.schemes.values() if s.bits < 16] or [1]))
     return {"device": str(device), "expert_chunk": opts.expert_chunk, "passes": job.meter.summary(),
+            "layers": job.meter.layers,
             "estimate_gib": {k: round(v / (1 << 30), 3) for k, v in est.items()}, "estimate_bytes": est}

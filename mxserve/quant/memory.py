@@ -22,6 +22,8 @@ FP32 = 4
 # two_level_params (int1 2-means): 4 weight-sized fp32 temporaries alive at once (column weights, the weights
 # either side of the threshold, their weighted product).
 ONE_BIT_TEMPS = 4.0
+# cuBLAS / cuSOLVER workspaces come out of PyTorch's caching allocator (counted by max_memory_allocated).
+CUDA_WORKSPACE_BYTES = 64 << 20
 
 
 def gptq_chunk_bytes(n: int, k: int, e_c: int, one_bit: bool = True, block: int = DEFAULT_BLOCK) -> int:
@@ -56,7 +58,7 @@ def layer_peak_bytes(geo: dict, tokens: int, *, compute_bytes: int, expert_chunk
             packed in pass 2 (bounds the packing temporaries).
     Returns:
         {"sensitivity": bytes, "quantize": bytes, and the terms: "states", "weights", "fp32", "hessians",
-        "gptq_gate_up", "gptq_down", "pack"}.
+        "gptq_gate_up", "gptq_down", "pack"} (plus CUDA_WORKSPACE_BYTES on the GPU).
     """
     e, hid, inter = geo["experts"], geo["hidden"], geo["inter"]
     c = compute_bytes
@@ -68,7 +70,7 @@ def layer_peak_bytes(geo: dict, tokens: int, *, compute_bytes: int, expert_chunk
     w_gu, w_dn = e * 2 * inter * hid * FP32, e * hid * inter * FP32   # dequantized candidates / outputs
     g_gu = gptq_chunk_bytes(2 * inter, hid, e_c, one_bit)
     g_dn = gptq_chunk_bytes(hid, inter, e_c, one_bit)
-    base = states + weights + hess
+    base = states + weights + hess + (0 if c == FP32 else CUDA_WORKSPACE_BYTES)
     sens = base + fp32 + max(w_gu + g_gu, w_gu + w_dn + g_dn)
     # pass 2: fp32 copies to write back into (always copies); a scheme's experts gathered (fp32 weights and
     # Hessians; none when one scheme takes them all) and their dequantized output; one GPTQ chunk, then packing
@@ -109,18 +111,17 @@ class LayerMeter:
         if self.cuda:
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated(self.device) / GIB if self.cuda else None
-        self.layers.setdefault(phase, []).append({"layer": l, "s": round(dt, 3),
-                                                  "peak_gib": None if peak is None else round(peak, 2)})
+        peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else None
+        self.layers.setdefault(phase, []).append({"layer": l, "s": round(dt, 3), "peak_bytes": peak})
         if self.log is not None:
-            mem = "" if peak is None else f", peak {peak:.1f} GiB"
+            mem = "" if peak is None else f", peak {peak / GIB:.1f} GiB"
             self.log(f"layer {l + 1}/{self.n_layers} {phase} {dt:.1f} s{mem}")
 
     def summary(self) -> dict:
         """{phase: {"s", "max_layer_s", "peak_gib" (max over layers, None off CUDA)}}."""
         out = {}
         for phase, rows in self.layers.items():
-            peaks = [r["peak_gib"] for r in rows if r["peak_gib"] is not None]
+            peaks = [r["peak_bytes"] for r in rows if r["peak_bytes"] is not None]
             out[phase] = {"s": round(sum(r["s"] for r in rows), 2), "max_layer_s": max(r["s"] for r in rows),
-                          "peak_gib": max(peaks) if peaks else None}
+                          "peak_gib": round(max(peaks) / GIB, 2) if peaks else None}
         return out

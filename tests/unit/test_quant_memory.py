@@ -132,3 +132,23 @@ def test_cli_json_stdout_stays_pure_with_progress_on_stderr(tmp_path, capsys, mo
     assert [ln.split(" quantize ")[0] for ln in cap.err.splitlines() if " quantize " in ln] == ["layer 1/2",
                                                                                                "layer 2/2"]
 
+
+
+MID = dict(SMALL, hidden_size=512, moe_intermediate_size=256, num_experts=32, num_experts_per_tok=4)
+
+
+@pytest.mark.gpu
+def test_cuda_per_layer_peak_is_flat_and_within_the_bound(tmp_path):
+    """On the GPU (bf16 layer, fp32 GPTQ, 32-expert chunks): CUDA's per-layer max_memory_allocated is within the
+    estimate and equal across layers (a leak raises every later layer's peak)."""
+    ck = SyntheticCheckpoint("qwen3-30b-a3b", layers=LAYERS, device="cuda", overrides=MID)
+    s = quantize_checkpoint(None, tmp_path / "q", bits=2.25, calib=None, synthetic=ck, device="cuda", progress=False,
+                            n_samples=8, seq_len=128)
+    m = s["memory"]
+    for phase in ("sensitivity", "quantize"):
+        peaks = [r["peak_bytes"] for r in m["layers"][phase]]
+        bound = m["estimate_bytes"][phase]
+        assert max(peaks) <= bound, f"{phase}: CUDA peaks {peaks} exceed the estimate {bound}"
+        one_expert = 3 * MID["moe_intermediate_size"] * MID["hidden_size"] * 4
+        if phase == "sensitivity":
+            assert max(peaks) - min(peaks) < one_expert, f"{phase}: per-layer CUDA peaks grow: {peaks}"
