@@ -9,6 +9,7 @@ Writes are atomic. The serving path only reads these files (never autotunes).
 from __future__ import annotations
 
 import argparse
+import json
 import itertools
 import os
 import sys
@@ -88,6 +89,10 @@ def tune_shape(model: str, tokens: list[int], quick: bool) -> dict:
               f"{best['w2'][1]}", flush=True)
     path = os.path.join(configs.CONFIG_DIR, configs.config_filename({"E": e, "H": h, "I": i},
                                                                     configs.device_name()))
+    if os.path.exists(path):  # keep the entries of token counts not re-tuned in this run (e.g. --tokens 1,4,16,64)
+        with open(path) as f:
+            table = {**json.load(f), **table}
+    table = dict(sorted(table.items(), key=lambda kv: int(kv[0])))
     configs.write_json_atomic(path, table)
     return table
 
