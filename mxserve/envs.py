@@ -34,6 +34,12 @@ def force_embedded() -> bool:
     return _bool("MXSERVE_FORCE_EMBEDDED")
 
 
+# Compile every Triton kernel variant a served layer can launch at load time (default on; 0 to skip, e.g. to
+# shorten start-up in tests): see mxserve_kernels/warmup.py.
+def kernel_warmup() -> bool:
+    return _bool("MXSERVE_KERNEL_WARMUP", True)
+
+
 # Log level for mxserve loggers.
 def log_level() -> str:
     return (_str("MXSERVE_LOG_LEVEL") or "INFO").upper()

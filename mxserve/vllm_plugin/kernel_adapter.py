@@ -112,3 +112,27 @@ def experts_forward(x: torch.Tensor, w, topk_weights: torch.Tensor, topk_ids: to
         return w.forward(x, topk_weights, topk_ids, expert_map)
     from mxserve_kernels.moe import fused_moe
     return fused_moe(x, w, topk_weights, topk_ids, activation=activation, expert_map=expert_map)
+
+
+def _serve_shape() -> tuple[int, torch.dtype]:
+    """(largest tokens per forward, activation dtype) of the vLLM config being loaded (8192, bf16 without one)."""
+    from vllm.config import get_current_vllm_config_or_none
+    cfg = get_current_vllm_config_or_none()
+    if cfg is None:
+        return 8192, torch.bfloat16
+    max_t = int(getattr(cfg.scheduler_config, "max_num_batched_tokens", 8192) or 8192)
+    dtype = getattr(cfg.model_config, "dtype", torch.bfloat16) if cfg.model_config is not None else torch.bfloat16
+    return max_t, dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def warm_kernels(obj, top_k: int | None = None) -> int:
+    """Compile the kernel variants of a prepared layer before serving (``mxserve_kernels.warmup``); no-op for the
+    reference objects, off the GPU, or with MXSERVE_KERNEL_WARMUP=0. Returns the number of warm-up forwards."""
+    if isinstance(obj, (RefLinear, RefExperts)) or not envs.kernel_warmup():
+        return 0
+    from mxserve_kernels import warmup
+    max_t, dtype = _serve_shape()
+    if top_k is None:
+        return warmup.warm_linear(obj, max_t, dtype)
+    return warmup.warm_moe(obj, top_k, max_t, dtype)
+

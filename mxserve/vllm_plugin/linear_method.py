@@ -148,6 +148,7 @@ class MxLinearMethod(LinearMethodBase):
                 sum(t.numel() * t.element_size() for t in tensors.values()), layer._mx_n * layer._mx_k,
                 self.scheme.bits)}, self.plan_cfg)
         layer._mx_lw = ka.prepare_linear(self.scheme, tensors, k=layer._mx_k, device=device)
+        ka.warm_kernels(layer._mx_lw)
         for s in tensor_names(self.scheme):
             delattr(layer, s)
         del layer._mx_expected, layer._mx_loaded

@@ -76,8 +76,9 @@ def test_runner_measure_counts_tokens(vllm_cpu):
     r = measure(llm, a)
     assert set(r["throughput"]) == {1, 4}
     assert r["throughput"][4] == pytest.approx(4 * 32 / r["elapsed_s"][4])
-    assert [c[:2] for c in llm.calls[1:3]] == [(1, 32), (4, 32)] and all(c[2] < 500 for c in llm.calls)
-    assert len(llm.calls) == 3 + 4 and r["ttft_ms"] >= 10.0
+    # call 0: global warm-up; then per batch size an untimed 4-token pass at that batch's size, then the timed one
+    assert [c[:2] for c in llm.calls[1:5]] == [(1, 4), (1, 32), (4, 4), (4, 32)] and all(c[2] < 500 for c in llm.calls)
+    assert len(llm.calls) == 5 + 4 and r["ttft_ms"] >= 10.0
     with pytest.raises(RuntimeError, match="expected 32"):
         measure(_FakeLLM(short=True), a)
 
