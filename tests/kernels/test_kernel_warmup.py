@@ -13,6 +13,7 @@ from mxserve_kernels.moe import (
     routing_kernels,
 )
 from mxserve_kernels.quant import dequant_linear, prepare_linear
+from tests.unit._kernel_cases import make_experts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -27,19 +28,10 @@ def _all_compiled() -> int:
                                       routing_kernels.moe_align_kernel))
 
 
-def _experts(schemes, e, h, i, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    gu, dn = [], []
-    for x in range(e):
-        s = WeightScheme.parse(schemes[x % len(schemes)])
-        gu.append((s, random_canonical(s, 2 * i, h, device="cuda", generator=g)))
-        dn.append((s, random_canonical(s, h, i, device="cuda", generator=g)))
-    return gu, dn
-
-
 def test_warm_moe_then_no_new_compiles():
     e, h, i, k, max_t = 16, 256, 128, 4, 300
-    w = prepare_experts(*_experts(["int4_g128_asym", "int2_g64_asym", "bf16"], e, h, i), hidden=h, inter=i)
+    kinds = ["int4_g128_asym", "int2_g64_asym", "bf16"]
+    w = prepare_experts(*make_experts([kinds[x % 3] for x in range(e)], h, i, device="cuda"), hidden=h, inter=i)
     assert warmup.warm_moe(w, k, max_t) == len(warmup.token_counts(max_t))
     assert warmup.warm_moe(w, k, max_t) == 0            # same signature: nothing run twice
     before = _all_compiled()
