@@ -45,6 +45,13 @@ def candidates(rows_per_expert: float, quick: bool):
         for bm in ((1, 2, 4, 8) if rows_per_expert <= 2 else (2, 4, 8)):
             for bn in ((32, 64) if quick else (16, 32, 64)):
                 yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=16, num_warps=4, num_stages=3, FMA=1)
+        # split-K: at decode few (expert, n-block) tiles exist (T=1: 8 experts x N/BLOCK_N), each a long serial K
+        # loop; splitting K puts 2-8x more programs in flight (partials + one reduce launch)
+        for sk in ((2, 4, 8) if quick else (2, 4, 8, 16)):
+            for bk in (32, 64):
+                yield dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk, num_warps=4, num_stages=3, SPLIT_K=sk)
+            yield dict(BLOCK_M=1 if rows_per_expert <= 2 else 4, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=3,
+                       FMA=1, SPLIT_K=sk)
 
 
 def tune_shape(model: str, tokens: list[int], quick: bool) -> dict:

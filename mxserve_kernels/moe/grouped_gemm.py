@@ -41,16 +41,34 @@ def grouped_gemm_op(x: torch.Tensor, qw: torch.Tensor, pw: torch.Tensor, meta: t
         raise RuntimeError("mxserve::grouped_gemm needs Triton; use mxserve_kernels.moe.reference on this machine")
     block_m, block_n, block_k, num_warps, num_stages = cfg[:5]
     fma = bool(cfg[5]) if len(cfg) > 5 else False
+    k_split, splits = _split_k(k, cfg[6] if len(cfg) > 6 else 1)
     alloc = torch.zeros if zero_init else torch.empty
     out = alloc((out_rows, n), dtype=x.dtype, device=x.device)
+    # split-K: fp32 partials [splits, rows, n (x2 for gate|up)], then one reduce launch (activation after the sum)
+    dst = out if splits == 1 else alloc((splits, out_rows, 2 * n if mode == 1 else n), dtype=torch.float32,
+                                        device=x.device)
     m_blocks = triton.cdiv(num_valid, block_m) if dense else block_expert.numel()
-    grid = (m_blocks, triton.cdiv(n, block_n))
+    grid = (m_blocks, triton.cdiv(n, block_n), splits)
     _kernels.grouped_gemm_kernel[grid](
-        x, out, qw, pw, meta, wbf, einfo, sorted_ids, block_expert, num_post, topk_w,
-        n, k, wcols, n_up, x.stride(0), out.stride(0), a_div, num_valid,
+        x, dst, qw, pw, meta, wbf, einfo, sorted_ids, block_expert, num_post, topk_w,
+        n, k, wcols, n_up, x.stride(0), dst.stride(-2), a_div, num_valid, k_split, dst.stride(0),
         MODE=mode, DENSE=dense, NFIELDS=NFIELDS, IS_FP32=x.dtype == torch.float32 or not x.is_cuda, KINDS=kinds,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FMA=fma, num_warps=num_warps, num_stages=num_stages)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FMA=fma, SPLIT_K=splits, num_warps=num_warps,
+        num_stages=num_stages)
+    if splits > 1 and out.numel():
+        block = 1024
+        _kernels.splitk_reduce_kernel[(triton.cdiv(out.numel(), block),)](
+            dst, out, out.numel(), n, dst.stride(0), SPLITS=splits, MODE=mode, BLOCK=block, num_warps=4)
     return out
+
+
+def _split_k(k: int, split: int) -> tuple[int, int]:
+    """(K rows per split, number of splits): the requested split of K into ranges of whole multiples of 32 rows
+    (every code width packs a whole number of rows into 32 bits), never more splits than ranges."""
+    if split <= 1:
+        return k, 1
+    k_split = triton.cdiv(triton.cdiv(k, split), 32) * 32
+    return k_split, triton.cdiv(k, k_split)
 
 
 @grouped_gemm_op.register_fake
@@ -61,7 +79,7 @@ def _(x, qw, pw, meta, wbf, einfo, sorted_ids, block_expert, num_post, topk_w, n
 
 def _cfg_list(cfg: dict[str, int]) -> list[int]:
     return [int(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")] + [
-        int(cfg.get("FMA", 0))]
+        int(cfg.get("FMA", 0)), int(cfg.get("SPLIT_K", 1))]
 
 
 def grouped_gemm(x: torch.Tensor, w: PackedWeights, cfg: dict[str, int], *, mode: int, route: Route | None = None,
@@ -72,7 +90,9 @@ def grouped_gemm(x: torch.Tensor, w: PackedWeights, cfg: dict[str, int], *, mode
         x: [R, K] activations (bf16/fp16/fp32); row of pair r is ``x[r // a_div]``.
         w: the projection, [N, K] per expert (``n_up = N/2`` for MODE_GATE_UP).
         cfg: launch config (``_common.configs``); BLOCK_M must equal ``route.block_m``; optional ``"FMA": 1``
-            runs the K loop as fp32 broadcast-multiply-add instead of tl.dot (decode: BLOCK_M 1..8 allowed).
+            runs the K loop as fp32 broadcast-multiply-add instead of tl.dot (decode: BLOCK_M 1..8 allowed);
+            optional ``"SPLIT_K": S`` (power of two <= 16) splits K over S programs per tile (decode: more
+            programs in flight) with fp32 partials summed by one more launch.
         mode: MODE_PLAIN, MODE_GATE_UP (fused SiLU-and-mul) or MODE_DOWN (router weights applied).
         route: tile map (None: dense, one expert, rows 0..R-1).
         topk_weights: [T*K] fp32 router weights (MODE_DOWN).
@@ -89,6 +109,9 @@ def grouped_gemm(x: torch.Tensor, w: PackedWeights, cfg: dict[str, int], *, mode
             or cfg["BLOCK_M"] < min_m or cfg["BLOCK_M"] & (cfg["BLOCK_M"] - 1)):
         raise ValueError(f"grouped_gemm: config {cfg} needs powers of two, BLOCK_N, BLOCK_K >= 16 and BLOCK_M >= "
                          f"{min_m}")
+    sk = cfg.get("SPLIT_K", 1)
+    if sk < 1 or sk > 16 or sk & (sk - 1):
+        raise ValueError(f"grouped_gemm: config SPLIT_K {sk} must be a power of two in 1..16")
     if x.stride(1) != 1:
         x = x.contiguous()
     n_out = w.n // 2 if mode == MODE_GATE_UP else w.n

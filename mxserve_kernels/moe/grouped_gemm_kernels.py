@@ -53,14 +53,15 @@ def _dq(words, s, z, p0, sp0, p1, sp1, psh, J, KIND: tl.constexpr, BITS: tl.cons
 
 
 @triton.jit
-def _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, w0, col, n_mask,
+def _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_hi, w0, col, n_mask,
                KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Code words, scale, zero (+ planes and plane scales) of word rows ``w0 .. w0+BLOCK_K`` (masked past K).
+    """Code words, scale, zero (+ planes and plane scales) of word rows ``w0 .. w0+BLOCK_K`` (masked from word row
+    ``kw_hi`` on: the end of this program's K range; K is the full reduction length, for the metadata layout).
     ``pm`` = (plane-scale offset, words between planes, plane-scale elements between planes): einfo PMOFF, PWSTEP,
     PMSTEP (plane scales need not follow scale/zero: the offload slot pool keeps them in another slot)."""
     PER: tl.constexpr = 32 // BITS
     wr = w0 + tl.arange(0, BLOCK_K)
-    m2 = (wr < K // PER)[:, None] & n_mask[None, :]
+    m2 = (wr < kw_hi)[:, None] & n_mask[None, :]
     kr = wr * PER
     kg = K // g
     gi = (kr // g)[:, None]
@@ -85,9 +86,10 @@ def _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, w0, 
 
 @triton.jit
 def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols,
-              n_up, K, offs_n, n_mask, KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr,
+              n_up, K, k_lo, k_hi, offs_n, n_mask, KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr,
               DUAL: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr, FMA: tl.constexpr):
-    """acc (+acc2 for the up half when DUAL) += x[rows] @ dequant(W)^T over all of K for an integer expert.
+    """acc (+acc2 for the up half when DUAL) += x[rows, k_lo:k_hi] @ dequant(W)[:, k_lo:k_hi]^T for an integer
+    expert (k_lo, k_hi multiples of 32: whole code words of every width; split-K programs own one range each).
     The next tile's words/metadata are loaded (into registers) before the current tile's dots: two tiles in flight
     per program on top of the compiler's pipelining."""
     PER: tl.constexpr = 32 // BITS
@@ -95,7 +97,8 @@ def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, met
     # activation columns a step reads (BLOCK_M x BLOCK_K*8 at most, or 16*PER) stay bounded for 1/2-bit experts
     BKW0: tl.constexpr = (BLOCK_K * BITS // 4) if BITS < 4 else BLOCK_K
     BKW: tl.constexpr = 16 if BKW0 < 16 else BKW0
-    kw_total = K // PER
+    kw_lo = k_lo // PER
+    kw_hi = k_hi // PER
     col = offs_n[None, :]
     col2 = col + n_up
     offs_w = tl.arange(0, BKW)
@@ -106,25 +109,25 @@ def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, met
     if FMA:
         acc3 = tl.zeros((acc.shape[0], BKW, acc.shape[1]), dtype=tl.float32)
         acc3b = tl.zeros((acc.shape[0], BKW, acc.shape[1]), dtype=tl.float32)
-    words, s, z, p0, sp0, p1, sp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, 0, col,
-                                               n_mask, KIND, BITS, NP, BKW)
+    words, s, z, p0, sp0, p1, sp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_hi,
+                                               kw_lo, col, n_mask, KIND, BITS, NP, BKW)
     words2, s2, z2, q0, tp0, q1, tp1 = words, s, z, p0, sp0, p1, sp1
     if DUAL:
-        words2, s2, z2, q0, tp0, q1, tp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, 0,
-                                                      col2, n_mask, KIND, BITS, NP, BKW)
-    for w0 in range(0, kw_total, BKW):
+        words2, s2, z2, q0, tp0, q1, tp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K,
+                                                      kw_hi, kw_lo, col2, n_mask, KIND, BITS, NP, BKW)
+    for w0 in range(kw_lo, kw_hi, BKW):
         nwords, ns, nz, np0, nsp0, np1, nsp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K,
-                                                          w0 + BKW, col, n_mask, KIND, BITS, NP, BKW)
+                                                          kw_hi, w0 + BKW, col, n_mask, KIND, BITS, NP, BKW)
         nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1 = nwords, ns, nz, np0, nsp0, np1, nsp1
         if DUAL:
             nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g,
-                                                                 wcols, K, w0 + BKW, col2, n_mask, KIND, BITS,
-                                                                 NP, BKW)
+                                                                 wcols, K, kw_hi, w0 + BKW, col2, n_mask, KIND,
+                                                                 BITS, NP, BKW)
         wr = w0 + offs_w
         kr = wr * PER  # K row of code slot 0 of each word
         psh = (kr % 32)[:, None]  # bit of row kr in its 1-bit plane word (PER divides 32)
         a_ptrs = x_ptr + x_rows[:, None] * stride_xm + kr[None, :]
-        a_mask = row_mask[:, None] & (wr < kw_total)[None, :]
+        a_mask = row_mask[:, None] & (wr < kw_hi)[None, :]
         if PER <= 8:  # 4/8-bit: unrolled code slots
             for j in tl.static_range(PER):
                 a = tl.load(a_ptrs + j, mask=a_mask, other=0.0)
@@ -161,9 +164,9 @@ def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, met
 
 
 @triton.jit
-def _bf16_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, wbf_ptr, woff, wcols, n_up, K, offs_n, n_mask,
-               DUAL: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr, FMA: tl.constexpr):
-    """acc (+acc2) += x[rows] @ W^T for a bf16 expert (weights fed straight to tl.dot, 2*BLOCK_K rows a step;
+def _bf16_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, wbf_ptr, woff, wcols, n_up, k_lo, k_hi, offs_n,
+               n_mask, DUAL: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr, FMA: tl.constexpr):
+    """acc (+acc2) += x[rows, k_lo:k_hi] @ W[:, k_lo:k_hi]^T for a bf16 expert (weights fed straight to tl.dot, 2*BLOCK_K rows a step;
     FMA: fp32 broadcast-multiply, reduced once at the end)."""
     BK: tl.constexpr = 2 * BLOCK_K
     offs_kb = tl.arange(0, BK)
@@ -172,9 +175,9 @@ def _bf16_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, wbf_ptr, woff, wco
     if FMA:
         acc3 = tl.zeros((acc.shape[0], BK, acc.shape[1]), dtype=tl.float32)
         acc3b = tl.zeros((acc.shape[0], BK, acc.shape[1]), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_lo, k_hi, BK):
         offs_k = k0 + offs_kb
-        km = offs_k < K
+        km = offs_k < k_hi
         a = tl.load(x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :], mask=row_mask[:, None] & km[None, :],
                     other=0.0)
         wp = wbf_ptr + woff + offs_k[:, None] * wcols + offs_n[None, :]
@@ -198,15 +201,22 @@ def _bf16_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, wbf_ptr, woff, wco
 @triton.jit
 def grouped_gemm_kernel(x_ptr, out_ptr, qw_ptr, pw_ptr, meta_ptr, wbf_ptr, einfo_ptr,
                         sorted_ids_ptr, block_expert_ptr, num_post_ptr, topk_w_ptr,
-                        N, K, wcols, n_up, stride_xm, stride_om, a_div, num_valid,
+                        N, K, wcols, n_up, stride_xm, stride_om, a_div, num_valid, k_split, stride_ks,
                         MODE: tl.constexpr, DENSE: tl.constexpr, NFIELDS: tl.constexpr, IS_FP32: tl.constexpr,
                         KINDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        FMA: tl.constexpr = False):
-    """Grid (m-blocks, cdiv(N, BLOCK_N)). Rows of block b: ``sorted_ids[b*BLOCK_M:(b+1)*BLOCK_M]`` (ids >= num_valid
+                        FMA: tl.constexpr = False, SPLIT_K: tl.constexpr = 1):
+    """Grid (m-blocks, cdiv(N, BLOCK_N), splits). SPLIT_K > 1: program z owns K rows [z*k_split, (z+1)*k_split)
+    and stores fp32 partials (MODE 1: gate | up columns side by side; MODE 2: router weight applied) at
+    ``out_ptr + z*stride_ks``; ``splitk_reduce_kernel`` sums them and applies the activation. Rows of block b: ``sorted_ids[b*BLOCK_M:(b+1)*BLOCK_M]`` (ids >= num_valid
     are padding), expert ``block_expert[b]``; DENSE: rows ``b*BLOCK_M + arange`` and expert 0. KINDS: bit mask of
     the expert kinds present (``layout.kind_bit``), so only their K loops are compiled (compile time, registers)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    k_lo = 0
+    k_hi = K
+    if SPLIT_K > 1:
+        k_lo = tl.program_id(2) * k_split
+        k_hi = tl.minimum(K, k_lo + k_split)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -239,52 +249,83 @@ def grouped_gemm_kernel(x_ptr, out_ptr, qw_ptr, pw_ptr, meta_ptr, wbf_ptr, einfo
         if (KINDS & 8) != 0:
             if (kind == 2) & (bits == 4):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                      qoff, poff, moff, pm, g, wcols, n_up, K, offs_n, n_mask,
+                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
                                       2, 4, 0, DUAL, BLOCK_K, IS_FP32, FMA)
         if (KINDS & 4) != 0:
             if (kind == 2) & (bits == 2):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                      qoff, poff, moff, pm, g, wcols, n_up, K, offs_n, n_mask,
+                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
                                       2, 2, 0, DUAL, BLOCK_K, IS_FP32, FMA)
         if (KINDS & 2) != 0:
             if (kind == 2) & (bits == 1):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                      qoff, poff, moff, pm, g, wcols, n_up, K, offs_n, n_mask,
+                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
                                       2, 1, 0, DUAL, BLOCK_K, IS_FP32, FMA)
         if (KINDS & 16) != 0:
             if (kind == 2) & (bits == 8):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                      qoff, poff, moff, pm, g, wcols, n_up, K, offs_n, n_mask,
+                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
                                       2, 8, 0, DUAL, BLOCK_K, IS_FP32, FMA)
         if (KINDS & 32) != 0:
             if kind == 3:
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                      qoff, poff, moff, pm, g, wcols, n_up, K, offs_n, n_mask,
+                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
                                       3, 2, 1, DUAL, BLOCK_K, IS_FP32, FMA)
         if (KINDS & 64) != 0:
             if (kind == 4) & (npl == 1):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                      qoff, poff, moff, pm, g, wcols, n_up, K, offs_n, n_mask,
+                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
                                       4, 2, 1, DUAL, BLOCK_K, IS_FP32, FMA)
         if (KINDS & 128) != 0:
             if (kind == 4) & (npl == 2):
                 acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                      qoff, poff, moff, pm, g, wcols, n_up, K, offs_n, n_mask,
+                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
                                       4, 2, 2, DUAL, BLOCK_K, IS_FP32, FMA)
         if (KINDS & 1) != 0:
             if kind == 1:
-                acc, acc2 = _bf16_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, wbf_ptr, woff, wcols, n_up, K,
-                                       offs_n, n_mask, DUAL, BLOCK_K, IS_FP32, FMA)
-        if MODE == 1:
-            res = acc / (1.0 + tl.exp(-acc)) * acc2
-        elif MODE == 2:
-            tw = tl.load(topk_w_ptr + x_rows, mask=row_mask, other=0.0).to(tl.float32)
-            res = acc * tw[:, None]
-        else:
-            res = acc
+                acc, acc2 = _bf16_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, wbf_ptr, woff, wcols, n_up,
+                                       k_lo, k_hi, offs_n, n_mask, DUAL, BLOCK_K, IS_FP32, FMA)
         out_rows = tl.where(row_mask, rows, 0)
-        tl.store(out_ptr + out_rows[:, None] * stride_om + offs_n[None, :], res.to(out_ptr.dtype.element_ty),
-                 mask=row_mask[:, None] & n_mask[None, :])
+        omask = row_mask[:, None] & n_mask[None, :]
+        if SPLIT_K > 1:  # fp32 partials; the reduce kernel applies SiLU-and-mul (MODE 1) after the sum
+            part = out_ptr + tl.program_id(2) * stride_ks + out_rows[:, None] * stride_om + offs_n[None, :]
+            if MODE == 2:
+                acc = acc * tl.load(topk_w_ptr + x_rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+            tl.store(part, acc, mask=omask)
+            if MODE == 1:
+                tl.store(part + n_up, acc2, mask=omask)
+        else:
+            if MODE == 1:
+                res = acc / (1.0 + tl.exp(-acc)) * acc2
+            elif MODE == 2:
+                tw = tl.load(topk_w_ptr + x_rows, mask=row_mask, other=0.0).to(tl.float32)
+                res = acc * tw[:, None]
+            else:
+                res = acc
+            tl.store(out_ptr + out_rows[:, None] * stride_om + offs_n[None, :], res.to(out_ptr.dtype.element_ty),
+                     mask=omask)
+
+
+@triton.jit
+def splitk_reduce_kernel(part_ptr, out_ptr, total, n_out, stride_ks, SPLITS: tl.constexpr, MODE: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """out[r, c] = sum_z part[z, r, c] (MODE 1: silu(sum gate) * sum up, gate/up side by side in part's rows) for
+    the ``total = rows * n_out`` elements of a contiguous ``out``; fixed summation order (z = 0, 1, ...)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < total
+    r = offs // n_out
+    c = offs % n_out
+    width = 2 * n_out if MODE == 1 else n_out
+    base = r * width + c
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK,), dtype=tl.float32)
+    for z in tl.static_range(SPLITS):
+        acc += tl.load(part_ptr + z * stride_ks + base, mask=m, other=0.0)
+        if MODE == 1:
+            acc2 += tl.load(part_ptr + z * stride_ks + base + n_out, mask=m, other=0.0)
+    if MODE == 1:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc2
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -295,8 +336,8 @@ def _dequant_rows(out_ptr, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wc
     BKW: tl.constexpr = ROWS // PER
     w0 = r0 // PER
     col = offs_n[None, :]
-    words, s, z, p0, sp0, p1, sp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, w0, col,
-                                               n_mask, KIND, BITS, NP, BKW)
+    words, s, z, p0, sp0, p1, sp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K,
+                                               K // PER, w0, col, n_mask, KIND, BITS, NP, BKW)
     wr = w0 + tl.arange(0, BKW)
     kr = wr * PER
     psh = (kr % 32)[:, None]

@@ -25,7 +25,7 @@ def _compiled(fn) -> int:
 def _all_compiled() -> int:
     """Compiled binaries of every Triton kernel a MoE / linear forward can launch."""
     return sum(_compiled(f) for f in (grouped_gemm_kernels.grouped_gemm_kernel, grouped_gemm_kernels.dequant_kernel,
-                                      routing_kernels.moe_align_kernel))
+                                      grouped_gemm_kernels.splitk_reduce_kernel, routing_kernels.moe_align_kernel))
 
 
 def test_warm_moe_then_no_new_compiles():

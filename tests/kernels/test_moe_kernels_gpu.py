@@ -121,6 +121,19 @@ def test_dequant_bf16_prefill_path_bit_exact_gpu():
             torch.testing.assert_close(dequant_expert(d, e), want, **BIT_EXACT)
 
 
+@pytest.mark.parametrize("split,fma", [(2, 0), (4, 1), (8, 0)])
+def test_fused_moe_split_k_gpu(split, fma):
+    """Split-K configs the tuner may pick for decode vs the reference, every kind, Qwen3 shapes (K = 2048 / 768)."""
+    e, h, i = len(MIX), 2048, 768
+    w = prepare_experts(*_experts(MIX, e, h, i, seed=9), hidden=h, inter=i)
+    tw, ids = make_routing(3, 4, e, "random", device="cuda")
+    x = torch.randn(3, h, device="cuda").to(torch.bfloat16)
+    cfg = dict(BLOCK_M=1 if fma else 16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3, FMA=fma, SPLIT_K=split)
+    got = fused_moe(x, w, tw, ids, config={"w13": cfg, "w2": dict(cfg)})
+    want = moe_ref.fused_moe(x.float(), w, tw, ids)
+    assert rel_mean_err(want, got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
+
+
 @pytest.mark.parametrize("block_m", [1, 2, 4, 8])
 def test_fused_moe_fma_config_gpu(block_m):
     """The FMA K loop the tuner may pick for decode (BLOCK_M < 16) vs the reference, every kind, Qwen3 shapes."""
