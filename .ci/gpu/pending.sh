@@ -3,7 +3,9 @@
 # Usage on the GPU machine, after `source .gpukit/install.sh` (vLLM steps) from the repo root:
 #   bash .ci/gpu/pending.sh STEP        results and logs under $OUT (default /tmp/out)
 # Steps (in the order worth running; times measured on the H200 in session 3 or estimated):
-#   kernels   warm-up + offload slot-pool exactness + FMA grid (no vLLM, ~3 min)             issues 4, 7
+#   kernels   warm-up + offload slot-pool exactness + FMA / split-K grid (no vLLM, ~3 min)   issues 4, 7
+#   tune      decode re-tune (FMA, split-K) then bench_moe vs vLLM peers at T<=64 (~6 min)   issue 4
+#             (configs come back as $OUT/configs.tar: untar into mxserve_kernels/moe/configs and commit)
 #   offload   vLLM serve: resident default / resident PIECEWISE / offload 0.25 (~6 min)      issue 7
 #   e2e       mxserve bench e2e, 4-layer A3B, bf16/fp8/GPTQ/mxmoe W4/2.5-bit mix (~9 min)   issue 5
 #   metrics   /metrics scrape under load, default compile (~4 min)                           issue 9
@@ -11,11 +13,16 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/logs"
 export MXSERVE_TEST_LOG_DIR=$OUT/logs
-step=${1:?usage: pending.sh kernels|offload|e2e|metrics|kvbench}
+step=${1:?usage: pending.sh kernels|tune|offload|e2e|metrics|kvbench}
 case $step in
   kernels)
     MXSERVE_TEST_JSON=$OUT/kernels.json python3 -m pytest -q -m gpu tests/kernels/test_kernel_warmup.py \
-      tests/kernels/test_offload_slot_moe.py tests/kernels/test_moe_kernels_gpu.py -k "warm or slot or fma or kinds" ;;
+      tests/kernels/test_offload_slot_moe.py tests/kernels/test_moe_kernels_gpu.py -k "warm or slot or fma or kinds or split" ;;
+  tune)
+    python3 -m mxserve_kernels.bench.tune_moe --models qwen3-30b-a3b --tokens 1,4,16,64 --quick --no-cost \
+      --archive "$OUT/configs.tar" 2>&1 | grep -v "^  skip" | tee "$OUT/tune.log"
+    python3 -m mxserve_kernels.bench.bench_moe --tokens 1,4,16,64 --json "$OUT/bench_moe_decode.json" \
+      --plot "$OUT/moe_decode.png" --peers mxserve.vllm_plugin.bench_peers:moe_peers > "$OUT/bench.log" 2>&1 ;;
   offload)
     MXSERVE_TEST_JSON=$OUT/offload_vllm.json python3 -m pytest -q -m gpu tests/integration/test_offload_vllm.py ;;
   e2e)
