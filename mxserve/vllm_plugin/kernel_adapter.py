@@ -132,7 +132,12 @@ def warm_kernels(obj, top_k: int | None = None) -> int:
         return 0
     from mxserve_kernels import warmup
     max_t, dtype = _serve_shape()
-    if top_k is None:
-        return warmup.warm_linear(obj, max_t, dtype)
-    return warmup.warm_moe(obj, top_k, max_t, dtype)
+    try:
+        if top_k is None:
+            return warmup.warm_linear(obj, max_t, dtype)
+        return warmup.warm_moe(obj, top_k, max_t, dtype)
+    except torch.cuda.OutOfMemoryError as exc:  # an optimisation only: serving compiles lazily instead
+        logger.warning("mxmoe: kernel warm-up skipped (%s); kernels compile on first use", exc)
+        torch.cuda.empty_cache()
+        return 0
 
