@@ -85,6 +85,25 @@ def _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_h
 
 
 @triton.jit
+def _slot_step(acc, acc2, acc3, acc3b, a_ptrs, a_mask, words, s, z, p0, sp0, p1, sp1, words2, s2, z2, q0, tp0, q1,
+               tp1, psh, J, KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr, DUAL: tl.constexpr,
+               IS_FP32: tl.constexpr, FMA: tl.constexpr):
+    """One code slot J of a word tile: the activation columns of K rows ``kr + J`` times the dequantized slot, into
+    acc/acc2 (tl.dot) or acc3/acc3b (FMA: fp32 broadcast-multiply, reduced over K by the caller)."""
+    a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+    if FMA:
+        af = a.to(tl.float32)[:, :, None]
+        acc3 += af * _dq(words, s, z, p0, sp0, p1, sp1, psh, J, KIND, BITS, NP)[None, :, :]
+        if DUAL:
+            acc3b += af * _dq(words2, s2, z2, q0, tp0, q1, tp1, psh, J, KIND, BITS, NP)[None, :, :]
+    else:
+        acc = _dot(a, _dq(words, s, z, p0, sp0, p1, sp1, psh, J, KIND, BITS, NP), acc, IS_FP32)
+        if DUAL:
+            acc2 = _dot(a, _dq(words2, s2, z2, q0, tp0, q1, tp1, psh, J, KIND, BITS, NP), acc2, IS_FP32)
+    return acc, acc2, acc3, acc3b
+
+
+@triton.jit
 def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols,
               n_up, K, k_lo, k_hi, offs_n, n_mask, KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr,
               DUAL: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr, FMA: tl.constexpr):
@@ -130,30 +149,14 @@ def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, met
         a_mask = row_mask[:, None] & (wr < kw_hi)[None, :]
         if PER <= 8:  # 4/8-bit: unrolled code slots
             for j in tl.static_range(PER):
-                a = tl.load(a_ptrs + j, mask=a_mask, other=0.0)
-                if FMA:
-                    af = a.to(tl.float32)[:, :, None]
-                    acc3 += af * _dq(words, s, z, p0, sp0, p1, sp1, psh, j, KIND, BITS, NP)[None, :, :]
-                    if DUAL:
-                        acc3b += af * _dq(words2, s2, z2, q0, tp0, q1, tp1, psh, j, KIND, BITS, NP)[None, :, :]
-                else:
-                    acc = _dot(a, _dq(words, s, z, p0, sp0, p1, sp1, psh, j, KIND, BITS, NP), acc, IS_FP32)
-                    if DUAL:
-                        acc2 = _dot(a, _dq(words2, s2, z2, q0, tp0, q1, tp1, psh, j, KIND, BITS, NP), acc2,
-                                    IS_FP32)
+                acc, acc2, acc3, acc3b = _slot_step(acc, acc2, acc3, acc3b, a_ptrs + j, a_mask, words, s, z, p0, sp0,
+                                                    p1, sp1, words2, s2, z2, q0, tp0, q1, tp1, psh, j, KIND,
+                                                    BITS, NP, DUAL, IS_FP32, FMA)
         else:  # 1/2-bit (16-32 slots): a runtime loop keeps the compiled kernel (and compile time) small
             for j in range(PER):
-                a = tl.load(a_ptrs + j, mask=a_mask, other=0.0)
-                if FMA:
-                    af = a.to(tl.float32)[:, :, None]
-                    acc3 += af * _dq(words, s, z, p0, sp0, p1, sp1, psh, j, KIND, BITS, NP)[None, :, :]
-                    if DUAL:
-                        acc3b += af * _dq(words2, s2, z2, q0, tp0, q1, tp1, psh, j, KIND, BITS, NP)[None, :, :]
-                else:
-                    acc = _dot(a, _dq(words, s, z, p0, sp0, p1, sp1, psh, j, KIND, BITS, NP), acc, IS_FP32)
-                    if DUAL:
-                        acc2 = _dot(a, _dq(words2, s2, z2, q0, tp0, q1, tp1, psh, j, KIND, BITS, NP), acc2,
-                                    IS_FP32)
+                acc, acc2, acc3, acc3b = _slot_step(acc, acc2, acc3, acc3b, a_ptrs + j, a_mask, words, s, z, p0, sp0,
+                                                    p1, sp1, words2, s2, z2, q0, tp0, q1, tp1, psh, j, KIND,
+                                                    BITS, NP, DUAL, IS_FP32, FMA)
         words, s, z, p0, sp0, p1, sp1 = nwords, ns, nz, np0, nsp0, np1, nsp1
         words2, s2, z2, q0, tp0, q1, tp1 = nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1
     if FMA:
