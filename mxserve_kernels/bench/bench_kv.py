@@ -38,11 +38,11 @@ def bench_one(geom: str, ctx: int, label: str, batch: int, page: int = 16) -> di
     nf = torch.ones(batch, dtype=torch.int32, device=dev)
     fn = lambda: decode.paged_decode_attention(q, cache, table, lo, hi, fk, fk, nf, fmt, d ** -0.5,  # noqa: E731
                                                num_splits=16)
-    ms = triton.testing.do_bench(fn, warmup=10, rep=50, quantile=None)
+    ms = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
     kbf = torch.randn(batch, h, ctx, d, device=dev, dtype=torch.bfloat16)
     qb = q.unsqueeze(2)
     base = lambda: torch.nn.functional.scaled_dot_product_attention(qb, kbf, kbf, enable_gqa=True)  # noqa: E731
-    ms_bf16 = triton.testing.do_bench(base, warmup=10, rep=50, quantile=None)
+    ms_bf16 = triton.testing.do_bench(base, warmup=10, rep=50, return_mode="median")
     nbytes = batch * ctx * h * fmt.slot_bytes
     return {"geom": geom, "ctx": ctx, "batch": batch, "config": label, "slot_bytes": fmt.slot_bytes,
             "bits_per_elem": round(fmt.bits_per_element(), 4), "capacity_vs_bf16": round(fmt.compression_vs(2), 3),
