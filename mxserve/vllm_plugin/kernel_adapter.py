@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -125,19 +126,30 @@ def _serve_shape() -> tuple[int, torch.dtype]:
     return max_t, dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
-def warm_kernels(obj, top_k: int | None = None) -> int:
-    """Compile the kernel variants of a prepared layer before serving (``mxserve_kernels.warmup``); no-op for the
-    reference objects, off the GPU, or with MXSERVE_KERNEL_WARMUP=0. Returns the number of warm-up forwards."""
+def warm_kernels(obj, top_k: int | None = None, expert_map: torch.Tensor | None = None) -> int:
+    """Compile the kernel variants of a prepared layer before serving (``mxserve_kernels.warmup``: one forward per
+    distinct Triton specialization key any T <= max_num_batched_tokens can launch); no-op for the reference
+    objects, off the GPU, or with MXSERVE_KERNEL_WARMUP=0. Returns the number of warm-up forwards.
+
+    Args:
+        obj: prepared linear (top_k None) or MoE weights. top_k: experts per token (MoE).
+        expert_map: the layer's [E_global] global -> local map under EP (as ``apply`` passes it), else None.
+    """
     if isinstance(obj, (RefLinear, RefExperts)) or not envs.kernel_warmup():
         return 0
     from mxserve_kernels import warmup
     max_t, dtype = _serve_shape()
+    t0 = time.perf_counter()
     try:
         if top_k is None:
-            return warmup.warm_linear(obj, max_t, dtype)
-        return warmup.warm_moe(obj, top_k, max_t, dtype)
+            n = warmup.warm_linear(obj, max_t, dtype)
+        else:
+            n = warmup.warm_moe(obj, top_k, max_t, dtype, expert_map=expert_map)
     except torch.cuda.OutOfMemoryError as exc:  # an optimisation only: serving compiles lazily instead
         logger.warning("mxmoe: kernel warm-up skipped (%s); kernels compile on first use", exc)
         torch.cuda.empty_cache()
         return 0
-
+    if n:
+        logger.info("mxmoe: kernel warm-up of a %s signature: %d forwards (T <= %d) in %.1f s",
+                    "linear" if top_k is None else "MoE", n, max_t, time.perf_counter() - t0)
+    return n
