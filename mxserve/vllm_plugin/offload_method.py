@@ -14,6 +14,14 @@ Per model one ``OffloadRuntime`` (held by the quant config, so all MoE layers of
     ``vllm::moe_forward_shared`` splitting ops with ``cudagraph_mode=PIECEWISE`` (wrapping the platform's
     ``check_and_update_config``, which runs before vLLM resolves splitting ops), or falls back to eager (logged) when
     that is impossible and ``allow_eager_fallback`` is set; otherwise it raises.
+  * Graph-input addresses (issue 7): vLLM's piecewise CUDA graphs bake the address of every piece input and never
+    copy inputs (``CUDAGraphWrapper``; only ``VLLM_LOGGING_LEVEL=DEBUG`` asserts they match). vLLM's own splitting ops
+    write into a buffer the previous piece allocated; ``moe_forward`` *returns* a fresh tensor, allocated eagerly on
+    the capture stream at capture time and on the compute stream at replay, so the next piece would read a stale
+    buffer. In a graph batch ``apply`` therefore returns a view of one static buffer (``OffloadRuntime.out``,
+    ``[graph_rows, H]``, allocated at load), the same address at capture and at every replay.
+    ``moe_forward_shared`` also returns the shared experts' output, which this method does not produce: models with
+    shared experts (and dual-batch overlap) get the eager fallback instead of PIECEWISE graphs.
 """
 from __future__ import annotations
 
@@ -72,7 +80,13 @@ def apply_compilation_hook(vllm_config, offload: OffloadConfig) -> str:
     if (mc is not None and mc.enforce_eager) or cc.cudagraph_mode in (None, CUDAGraphMode.NONE):
         return "eager"
     why = ""
-    if cc.mode != CompilationMode.VLLM_COMPILE:
+    shared = shared_experts_field(getattr(mc, "hf_config", None))
+    if shared:
+        why = (f"the model has shared experts ({shared}): vllm::moe_forward_shared returns their output as a fresh "
+               "tensor, which a piecewise CUDA graph after the split would read at its capture-time address")
+    elif getattr(getattr(vllm_config, "parallel_config", None), "enable_dbo", False):
+        why = "dual-batch overlap interleaves two micro-batches through the one static MoE output buffer"
+    elif cc.mode != CompilationMode.VLLM_COMPILE:
         why = f"compilation mode {cc.mode!r} has no graph splitting (breakable / full graphs only)"
     elif cc.pass_config.fuse_attn_quant and not cc.use_inductor_graph_partition:
         why = "attention+quant fusion replaces the splitting ops"
@@ -94,6 +108,49 @@ def apply_compilation_hook(vllm_config, offload: OffloadConfig) -> str:
     cc.mode = CompilationMode.NONE
     cc.cudagraph_mode = CUDAGraphMode.NONE
     return "eager"
+
+
+def shared_experts_field(hf_config) -> str | None:
+    """The HF config field that gives the model shared experts (``"n_shared_experts=2"``), or None.
+
+    Args:
+        hf_config: ``model_config.hf_config`` (its ``text_config`` is checked too), or None.
+    """
+    for cfg in (hf_config, getattr(hf_config, "text_config", None)):
+        for name in ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts"):
+            v = getattr(cfg, name, None) if cfg is not None else None
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return f"{name}={v}"
+    return None
+
+
+def graph_rows(vllm_config) -> int:
+    """Largest token count of a CUDA-graph batch (rows of the static MoE output buffer); 0 without graphs.
+
+    Args:
+        vllm_config: the finalised ``VllmConfig`` (or any object with ``compilation_config`` / ``model_config``).
+    """
+    from vllm.config.compilation import CUDAGraphMode
+
+    cc = getattr(vllm_config, "compilation_config", None)
+    mc = getattr(vllm_config, "model_config", None)
+    if cc is None or (mc is not None and getattr(mc, "enforce_eager", False)):
+        return 0
+    if cc.cudagraph_mode in (None, CUDAGraphMode.NONE):
+        return 0
+    sizes = [int(s) for s in (cc.cudagraph_capture_sizes or [])]
+    return int(cc.max_cudagraph_capture_size or max(sizes, default=0))
+
+
+def in_graph_batch() -> bool:
+    """True inside a forward that vLLM captures or replays as CUDA graphs (``cudagraph_runtime_mode`` != NONE)."""
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return False
+    mode = getattr(get_forward_context(), "cudagraph_runtime_mode", None)
+    return mode not in (None, CUDAGraphMode.NONE)
 
 
 def offload_config_update(vllm_config) -> str | None:
@@ -137,6 +194,18 @@ def forward_context() -> dict | None:
         return None
 
 
+def _graph_out_shape() -> tuple[int, torch.dtype]:
+    """(graph_rows, activation dtype) of the vLLM config being loaded; (0, bf16) outside one."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    cfg = get_current_vllm_config_or_none()
+    if cfg is None:
+        return 0, torch.bfloat16
+    mc = cfg.model_config
+    dtype = getattr(mc, "dtype", None) if mc is not None else None
+    return graph_rows(cfg), dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+
+
 # ---- runtime ------------------------------------------------------------------------------------------------------
 class OffloadRuntime:
     """One model's expert cache, shared by its ``OffloadMoEMethod`` layers.
@@ -156,6 +225,28 @@ class OffloadRuntime:
         self.processed: set[int] = set()
         self.routers: dict[int, torch.Tensor | None] = {}
         self.caps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}    # layer -> per-projection prefix caps [E]
+        self.out: torch.Tensor | None = None       # [graph_rows, H] static MoE output of graph batches
+
+    def alloc_out(self, rows: int, hidden: int, dtype: torch.dtype, device) -> None:
+        """Allocate the static output buffer ``[rows, hidden]`` (once, at load: before memory profiling and before
+        any graph is captured, so its address never changes). rows 0: no buffer (no CUDA graphs)."""
+        self.out = torch.empty((rows, hidden), dtype=dtype, device=device) if rows > 0 else None
+
+    def graph_output(self, y: torch.Tensor) -> torch.Tensor:
+        """``y`` [T, H] copied into rows ``[0, T)`` of the static buffer; returns that view (same data_ptr for every
+        T and layer: each layer's output is consumed by the next graph piece before the next MoE op runs).
+
+        Raises:
+            RuntimeError: no buffer, or T / H / dtype outside it (a graph batch the buffer was not sized for).
+        """
+        o = self.out
+        if o is None or y.shape[0] > o.shape[0] or y.shape[1:] != o.shape[1:] or y.dtype != o.dtype:
+            have = None if o is None else (list(o.shape), o.dtype)
+            raise RuntimeError(f"mxmoe offload: CUDA-graph batch output {list(y.shape)} {y.dtype} does not fit the "
+                               f"static MoE output buffer {have} (sized from max_cudagraph_capture_size at load)")
+        out = o[: y.shape[0]]
+        out.copy_(y)
+        return out
 
     def schemes(self, prefix: str, global_ids: list[int]) -> tuple[WeightScheme, WeightScheme, np.ndarray,
                                                                    np.ndarray]:
@@ -197,6 +288,8 @@ class OffloadRuntime:
             self.layout = layout
             self.offsets = (layout.slot_offsets("gate_up"), layout.slot_offsets("down"))
             self.wbf = torch.zeros(1, dtype=torch.bfloat16, device=device)
+            rows, dtype = _graph_out_shape()
+            self.alloc_out(rows, hidden, dtype, device)
             logger.info("mxmoe offload: %d MoE layers x %d experts, %d slots of %d bytes (%.2f GiB GPU), arena "
                         "%.2f GiB (%s)", self.L, len(global_ids), self.cache.S, layout.slot_bytes,
                         self.cache.S * layout.slot_bytes / 2**30, self.cache.arena.nbytes / 2**30,
@@ -285,4 +378,6 @@ class OffloadMoEMethod(MxMoEMethod):
         w = slot_moe_weights(view.pool.buf, view.tables, *rt.offsets, wbf=rt.wbf, caps=rt.caps[self.layer_idx])
         disabled = envs.disabled_kernels()
         fn = reference.fused_moe if ("triton_moe" in disabled or "all" in disabled) else fused_moe
-        return fn(x, w, topk_weights, topk_ids, activation="silu", expert_map=emap)
+        y = fn(x, w, topk_weights, topk_ids, activation="silu", expert_map=emap)
+        # the MoE op is a graph split point: a graph batch must hand the next piece its capture-time address
+        return rt.graph_output(y) if in_graph_batch() else y

@@ -208,3 +208,70 @@ def test_config_hook_wraps_platform_once(vllm_cpu):
     v = _vcfg(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.FULL)
     v.quant_config = MxMoEQuantConfig.from_config({"quant_method": "mxmoe", "version": 1})
     assert offload_config_update(v) is None and v.compilation_config.cudagraph_mode == CUDAGraphMode.FULL
+
+
+def test_graph_batch_output_has_one_static_address(vllm_cpu):
+    """Issue 7: vLLM replays piecewise CUDA graphs at the input addresses seen at capture (no copy), and the MoE op
+    is a split point, so in a graph batch every layer must return its output at the same address (the runtime's
+    static buffer), with the same values as outside graphs; outside graph batches it returns a fresh tensor."""
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.forward_context import set_forward_context
+
+    from mxserve.vllm_plugin.offload_method import in_graph_batch
+    qc, off = _model(vllm_cpu, {"version": 1, "gpu_budget_fraction": 0.5, "on_miss": "wait"})
+    _, ref = _model(vllm_cpu, None)
+    _load(off)
+    _load(ref)
+    rt = qc.offload_runtime()
+    rt.alloc_out(T + 1, H, torch.float32, "cpu")           # the CPU platform captures no graphs: size it here
+    assert not in_graph_batch()
+    for step in range(2):
+        for l in range(2):
+            x, w, ids = _routing(step, l)
+            a, b = off[l].routed_experts, ref[l].routed_experts
+            want = b.quant_method.apply(b, x, w, ids, None, None)
+            eager = a.quant_method.apply(a, x, w, ids, None, None)
+            with set_forward_context(None, vllm_cpu, cudagraph_runtime_mode=CUDAGraphMode.PIECEWISE):
+                assert in_graph_batch()
+                got = a.quant_method.apply(a, x, w, ids, None, None)
+            assert got.data_ptr() == rt.out.data_ptr() and eager.data_ptr() != rt.out.data_ptr()
+            torch.testing.assert_close(got, want, **BIT_EXACT)
+            torch.testing.assert_close(eager, want, **BIT_EXACT)
+    x, w, ids = _routing(9, 0)
+    x, w, ids = torch.cat([x, x]), torch.cat([w, w]), torch.cat([ids, ids])     # 2T rows > the buffer's T + 1
+    a = off[0].routed_experts
+    with set_forward_context(None, vllm_cpu, cudagraph_runtime_mode=CUDAGraphMode.PIECEWISE):
+        with pytest.raises(RuntimeError, match="static MoE output buffer"):
+            a.quant_method.apply(a, x, w, ids, None, None)
+
+
+def test_graph_rows_follow_the_capture_sizes():
+    from vllm.config.compilation import CompilationMode, CUDAGraphMode
+
+    from mxserve.vllm_plugin.offload_method import graph_rows
+    v = _vcfg(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.PIECEWISE,
+              cudagraph_capture_sizes=[1, 2, 4, 8, 16, 24, 32], max_cudagraph_capture_size=32)
+    assert graph_rows(v) == 32
+    v.model_config.enforce_eager = True
+    assert graph_rows(v) == 0
+    assert graph_rows(_vcfg(mode=CompilationMode.NONE, cudagraph_mode=CUDAGraphMode.NONE)) == 0
+
+
+@pytest.mark.parametrize("field", ["shared_expert_intermediate_size", "n_shared_experts"])
+def test_compilation_hook_keeps_shared_expert_models_eager(field, caplog):
+    """``moe_forward_shared`` also returns the shared experts' output (a fresh tensor this method cannot place in a
+    static buffer): PIECEWISE would feed the next graph piece a stale address, so the hook falls back to eager."""
+    from vllm.config.compilation import CompilationMode, CUDAGraphMode
+
+    from mxserve.scheduler.config import OffloadConfig
+    from mxserve.vllm_plugin.offload_method import OffloadSetupError, apply_compilation_hook
+    v = _vcfg(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE)
+    v.model_config.hf_config = SimpleNamespace(**{field: 2})
+    with pytest.raises(OffloadSetupError, match=f"shared experts \\({field}=2\\)"):
+        apply_compilation_hook(v, OffloadConfig(allow_eager_fallback=False))
+    with caplog.at_level(logging.WARNING, logger="mxserve"):
+        assert apply_compilation_hook(v, OffloadConfig()) == "eager"
+    assert v.model_config.enforce_eager and v.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
+    v = _vcfg(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE)
+    v.model_config.hf_config = SimpleNamespace(text_config=SimpleNamespace(**{field: 0}))
+    assert apply_compilation_hook(v, OffloadConfig()) == "piecewise"
