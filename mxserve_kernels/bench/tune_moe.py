@@ -40,6 +40,11 @@ def candidates(rows_per_expert: float, quick: bool):
                      ns=[2] if quick else [2, 3])
     for bm, bn, bk, nw, ns in itertools.product(space["bm"], space["bn"], space["bk"], space["nw"], space["ns"]):
         yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+    if rows_per_expert <= 64:  # KT: one tl.dot per 8*BLOCK_K K rows (weights cross shared memory once per step)
+        for bm in ((16,) if rows_per_expert <= 4 else (16, 32, 64)):
+            for bn, bk, nw in itertools.product((32, 64), (16, 32), (4, 8)):
+                for sk in ((1, 2, 4) if rows_per_expert <= 4 else (1,)):
+                    yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=3, SPLIT_K=sk, KT=1)
     if rows_per_expert <= 4:  # FMA K loop (no tensor cores): BLOCK_M 4 or 8 rows, fp32 broadcast-multiply-add
         # BLOCK_M 1/2: one program per routed row (no FMA lanes wasted on padding rows; weights re-read from L2)
         for bm in ((1, 2, 4, 8) if rows_per_expert <= 2 else (2, 4, 8)):

@@ -104,6 +104,67 @@ def _slot_step(acc, acc2, acc3, acc3b, a_ptrs, a_mask, words, s, z, p0, sp0, p1,
 
 
 @triton.jit
+def _dq_ktile(words, s, z, p0, sp0, p1, sp1, psh, KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr):
+    """Every code slot of a ``[BKW, BN]`` word tile at once: the ``[BKW*PER, BN]`` fp32 weights of K rows
+    ``kw*PER + j`` (word-major, i.e. K order), built by broadcasting over a slot axis and merging it into K."""
+    PER: tl.constexpr = 32 // BITS
+    J = tl.arange(0, PER)[None, :, None]
+    if KIND >= 3:
+        p0 = p0[:, None, :]
+        if NP == 2:
+            p1 = p1[:, None, :]
+    if KIND == 4:
+        sp0 = sp0[:, None, :]
+        if NP == 2:
+            sp1 = sp1[:, None, :]
+    w = _dq(words[:, None, :], s[:, None, :], z[:, None, :], p0, sp0, p1, sp1, psh[:, :, None], J, KIND, BITS, NP)
+    return tl.reshape(w, (words.shape[0] * PER, words.shape[1]))
+
+
+@triton.jit
+def _int_loop_kt(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g,
+                 wcols, n_up, K, k_lo, k_hi, offs_n, n_mask, KIND: tl.constexpr, BITS: tl.constexpr,
+                 NP: tl.constexpr, DUAL: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr):
+    """``_int_loop`` with one ``tl.dot`` per step over all code slots (config ``KT``): a step dequantizes
+    ``8*BLOCK_K`` K rows (``BLOCK_K*BITS/4`` code words per column) into one K-ordered tile and reads the matching
+    activation columns contiguously, so the weights cross shared memory once per step (one barrier) instead of
+    once per code slot."""
+    PER: tl.constexpr = 32 // BITS
+    BKW: tl.constexpr = BLOCK_K * BITS // 4
+    KR: tl.constexpr = BKW * PER
+    kw_lo = k_lo // PER
+    kw_hi = k_hi // PER
+    col = offs_n[None, :]
+    col2 = col + n_up
+    offs_w = tl.arange(0, BKW)
+    offs_k = tl.arange(0, KR)
+    words, s, z, p0, sp0, p1, sp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_hi,
+                                               kw_lo, col, n_mask, KIND, BITS, NP, BKW)
+    words2, s2, z2, q0, tp0, q1, tp1 = words, s, z, p0, sp0, p1, sp1
+    if DUAL:
+        words2, s2, z2, q0, tp0, q1, tp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K,
+                                                      kw_hi, kw_lo, col2, n_mask, KIND, BITS, NP, BKW)
+    for w0 in range(kw_lo, kw_hi, BKW):
+        nwords, ns, nz, np0, nsp0, np1, nsp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K,
+                                                          kw_hi, w0 + BKW, col, n_mask, KIND, BITS, NP, BKW)
+        nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1 = nwords, ns, nz, np0, nsp0, np1, nsp1
+        if DUAL:
+            nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g,
+                                                                 wcols, K, kw_hi, w0 + BKW, col2, n_mask, KIND,
+                                                                 BITS, NP, BKW)
+        psh = ((w0 + offs_w) * PER % 32)[:, None]
+        kr = w0 * PER + offs_k
+        a = tl.load(x_ptr + x_rows[:, None] * stride_xm + kr[None, :], mask=row_mask[:, None] & (kr < k_hi)[None, :],
+                    other=0.0)
+        acc = _dot(a, _dq_ktile(words, s, z, p0, sp0, p1, sp1, psh, KIND, BITS, NP), acc, IS_FP32)
+        if DUAL:
+            acc2 = _dot(a, _dq_ktile(words2, s2, z2, q0, tp0, q1, tp1, psh, KIND, BITS, NP), acc2, IS_FP32)
+        words, s, z, p0, sp0, p1, sp1 = nwords, ns, nz, np0, nsp0, np1, nsp1
+        words2, s2, z2, q0, tp0, q1, tp1 = nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1
+    return acc, acc2
+
+
+@triton.jit
 def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols,
               n_up, K, k_lo, k_hi, offs_n, n_mask, KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr,
               DUAL: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr, FMA: tl.constexpr):
@@ -167,6 +228,22 @@ def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, met
 
 
 @triton.jit
+def _int_any(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols,
+             n_up, K, k_lo, k_hi, offs_n, n_mask, KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr,
+             DUAL: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr, FMA: tl.constexpr, KT: tl.constexpr):
+    """The integer K loop the config selects: ``_int_loop_kt`` (KT, tensor cores), else ``_int_loop``."""
+    if KT and not FMA:
+        acc, acc2 = _int_loop_kt(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr, qoff, poff,
+                                 moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask, KIND, BITS, NP, DUAL,
+                                 BLOCK_K, IS_FP32)
+    else:
+        acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr, qoff, poff,
+                              moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask, KIND, BITS, NP, DUAL, BLOCK_K,
+                              IS_FP32, FMA)
+    return acc, acc2
+
+
+@triton.jit
 def _bf16_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, wbf_ptr, woff, wcols, n_up, k_lo, k_hi, offs_n,
                n_mask, DUAL: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr, FMA: tl.constexpr):
     """acc (+acc2) += x[rows, k_lo:k_hi] @ W[:, k_lo:k_hi]^T for a bf16 expert (weights fed straight to tl.dot, 2*BLOCK_K rows a step;
@@ -207,7 +284,7 @@ def grouped_gemm_kernel(x_ptr, out_ptr, qw_ptr, pw_ptr, meta_ptr, wbf_ptr, einfo
                         N, K, wcols, n_up, stride_xm, stride_om, a_div, num_valid, k_split, stride_ks,
                         MODE: tl.constexpr, DENSE: tl.constexpr, NFIELDS: tl.constexpr, IS_FP32: tl.constexpr,
                         KINDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        FMA: tl.constexpr = False, SPLIT_K: tl.constexpr = 1):
+                        FMA: tl.constexpr = False, SPLIT_K: tl.constexpr = 1, KT: tl.constexpr = False):
     """Grid (m-blocks, cdiv(N, BLOCK_N), splits). SPLIT_K > 1: program z owns K rows [z*k_split, (z+1)*k_split)
     and stores fp32 partials (MODE 1: gate | up columns side by side; MODE 2: router weight applied) at
     ``out_ptr + z*stride_ks``; ``splitk_reduce_kernel`` sums them and applies the activation. Rows of block b: ``sorted_ids[b*BLOCK_M:(b+1)*BLOCK_M]`` (ids >= num_valid
@@ -251,39 +328,39 @@ def grouped_gemm_kernel(x_ptr, out_ptr, qw_ptr, pw_ptr, meta_ptr, wbf_ptr, einfo
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if (KINDS & 8) != 0:
             if (kind == 2) & (bits == 4):
-                acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
-                                      2, 4, 0, DUAL, BLOCK_K, IS_FP32, FMA)
+                acc, acc2 = _int_any(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
+                                     qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
+                                      2, 4, 0, DUAL, BLOCK_K, IS_FP32, FMA, KT)
         if (KINDS & 4) != 0:
             if (kind == 2) & (bits == 2):
-                acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
-                                      2, 2, 0, DUAL, BLOCK_K, IS_FP32, FMA)
+                acc, acc2 = _int_any(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
+                                     qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
+                                      2, 2, 0, DUAL, BLOCK_K, IS_FP32, FMA, KT)
         if (KINDS & 2) != 0:
             if (kind == 2) & (bits == 1):
-                acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
-                                      2, 1, 0, DUAL, BLOCK_K, IS_FP32, FMA)
+                acc, acc2 = _int_any(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
+                                     qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
+                                      2, 1, 0, DUAL, BLOCK_K, IS_FP32, FMA, KT)
         if (KINDS & 16) != 0:
             if (kind == 2) & (bits == 8):
-                acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
-                                      2, 8, 0, DUAL, BLOCK_K, IS_FP32, FMA)
+                acc, acc2 = _int_any(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
+                                     qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
+                                      2, 8, 0, DUAL, BLOCK_K, IS_FP32, FMA, KT)
         if (KINDS & 32) != 0:
             if kind == 3:
-                acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
-                                      3, 2, 1, DUAL, BLOCK_K, IS_FP32, FMA)
+                acc, acc2 = _int_any(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
+                                     qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
+                                      3, 2, 1, DUAL, BLOCK_K, IS_FP32, FMA, KT)
         if (KINDS & 64) != 0:
             if (kind == 4) & (npl == 1):
-                acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
-                                      4, 2, 1, DUAL, BLOCK_K, IS_FP32, FMA)
+                acc, acc2 = _int_any(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
+                                     qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
+                                      4, 2, 1, DUAL, BLOCK_K, IS_FP32, FMA, KT)
         if (KINDS & 128) != 0:
             if (kind == 4) & (npl == 2):
-                acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
-                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
-                                      4, 2, 2, DUAL, BLOCK_K, IS_FP32, FMA)
+                acc, acc2 = _int_any(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
+                                     qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
+                                      4, 2, 2, DUAL, BLOCK_K, IS_FP32, FMA, KT)
         if (KINDS & 1) != 0:
             if kind == 1:
                 acc, acc2 = _bf16_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, wbf_ptr, woff, wcols, n_up,

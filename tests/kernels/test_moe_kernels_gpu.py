@@ -134,6 +134,20 @@ def test_fused_moe_split_k_gpu(split, fma):
     assert rel_mean_err(want, got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
 
 
+@pytest.mark.parametrize("bm,bk,nw,split,t", [(16, 16, 4, 1, 3), (16, 32, 8, 2, 3), (32, 16, 4, 1, 40),
+                                              (64, 32, 8, 1, 200)])
+def test_fused_moe_ktile_gpu(bm, bk, nw, split, t):
+    """KT configs (one tl.dot per 8*BLOCK_K K rows) the tuner may pick vs the reference, every kind, Qwen3 shapes."""
+    e, h, i = len(MIX), 2048, 768
+    w = prepare_experts(*_experts(MIX, e, h, i, seed=11), hidden=h, inter=i)
+    tw, ids = make_routing(t, 4, e, "random", device="cuda")
+    x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
+    cfg = dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=bk, num_warps=nw, num_stages=3, SPLIT_K=split, KT=1)
+    got = fused_moe(x, w, tw, ids, config={"w13": cfg, "w2": dict(cfg)}, prefill_dequant=False)
+    want = moe_ref.fused_moe(x.float(), w, tw, ids)
+    assert rel_mean_err(want, got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
+
+
 @pytest.mark.parametrize("block_m", [1, 2, 4, 8])
 def test_fused_moe_fma_config_gpu(block_m):
     """The FMA K loop the tuner may pick for decode (BLOCK_M < 16) vs the reference, every kind, Qwen3 shapes."""
