@@ -240,9 +240,9 @@ def test_graph_batch_output_has_one_static_address(vllm_cpu):
     x, w, ids = _routing(9, 0)
     x, w, ids = torch.cat([x, x]), torch.cat([w, w]), torch.cat([ids, ids])     # 2T rows > the buffer's T + 1
     a = off[0].routed_experts
-    with set_forward_context(None, vllm_cpu, cudagraph_runtime_mode=CUDAGraphMode.PIECEWISE):
-        with pytest.raises(RuntimeError, match="static MoE output buffer"):
-            a.quant_method.apply(a, x, w, ids, None, None)
+    with (set_forward_context(None, vllm_cpu, cudagraph_runtime_mode=CUDAGraphMode.PIECEWISE),
+          pytest.raises(RuntimeError, match="static MoE output buffer")):
+        a.quant_method.apply(a, x, w, ids, None, None)
 
 
 def test_graph_rows_follow_the_capture_sizes():
@@ -264,7 +264,10 @@ def test_compilation_hook_keeps_shared_expert_models_eager(field, caplog):
     from vllm.config.compilation import CompilationMode, CUDAGraphMode
 
     from mxserve.scheduler.config import OffloadConfig
-    from mxserve.vllm_plugin.offload_method import OffloadSetupError, apply_compilation_hook
+    from mxserve.vllm_plugin.offload_method import (
+        OffloadSetupError,
+        apply_compilation_hook,
+    )
     v = _vcfg(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE)
     v.model_config.hf_config = SimpleNamespace(**{field: 2})
     with pytest.raises(OffloadSetupError, match=f"shared experts \\({field}=2\\)"):
