@@ -6,8 +6,12 @@ Variants (random weights via ``--load-format dummy`` on config-only model direct
   with metadata, attention int4).
 Runner ``engine`` (default): ONE vLLM engine per variant (``python -m mxserve.vllm_plugin.bench_runner`` in a
 subprocess, default torch.compile + CUDA graphs): output tok/s at each batch size B (B prompts of ``--input-len``
-random tokens, ``--output-len`` output tokens, all in flight at once) and TTFT (one prompt, one output token, mean
-of 10). Runner ``vllm-bench``: ``vllm bench throughput --max-num-seqs B`` per B plus ``vllm bench latency`` (one
+random tokens, ``--output-len`` output tokens, all in flight at once; timed repeats until >= ``--min-window-s``
+measured and >= ``--min-repeats``: median and spread) and TTFT p50 / p99 (one prompt, one output token). The
+per-variant timeout derives from the work (``bench_runner.plan_budget_s``: layers, batch sizes, lengths) unless
+``--variant-timeout`` is given; the runner fits its repeats into it. ``--deadline-s`` bounds the whole command (a
+variant that cannot start in time is recorded as skipped); ``mxserve bench merge`` joins the JSONs of several
+calls (e.g. ``--variants`` split over 10-minute GPU calls) into one table. Runner ``vllm-bench``: ``vllm bench throughput --max-num-seqs B`` per B plus ``vllm bench latency`` (one
 engine start per call: several minutes per variant). Weight memory is parsed from vLLM's "Model loading took X GiB"
 log line. A failing variant is recorded with its error and the others still run; the JSON is rewritten after each
 variant (atomic) and ends with the issue's targets (mxmoe W4 >= 1.0x GPTQ-W4 and the 2.5-bit mix >= 1.25x GPTQ-W4
@@ -18,8 +22,10 @@ Examples (H200)::
     # the issue's quick comparison, 4-layer A3B geometry (~5-7 min)
     mxserve bench e2e --preset qwen3-30b-a3b --layers 4 --batch-sizes 1,8,32 --out /tmp/e2e \
         --json $OUT/e2e.json --markdown $OUT/e2e.md
-    # full geometry
-    mxserve bench e2e --preset qwen3-30b-a3b --layers 48 --out /tmp/e2e --json $OUT/e2e.json --markdown $OUT/e2e.md
+    # full geometry, split over calls, then merged
+    mxserve bench e2e --preset qwen3-30b-a3b --layers 48 --variants gptq_w4,mxmoe_w4 --deadline-s 560 \
+        --out /tmp/e2e --json $OUT/e2e-a.json
+    mxserve bench merge e2e-a.json e2e-b.json e2e-c.json --json e2e.json --markdown e2e.md
 """
 from __future__ import annotations
 
@@ -33,10 +39,12 @@ import sys
 import time
 
 from mxserve.io import write_json_atomic
+from mxserve.vllm_plugin.bench_runner import estimate_startup_s, plan_budget_s
 
 VARIANTS = ("bf16", "fp8", "gptq_w4", "mxmoe_w4", "mxmoe_mix25")
 _TPUT_RE = re.compile(r"Throughput: ([\d.]+) requests/s, ([\d.]+) total tokens/s, ([\d.]+) output tokens/s")
 _MEM_RE = re.compile(r"Model loading took ([\d.]+) GiB")
+_clock = time.monotonic  # wall clock of ``run`` (tests replace it)
 
 
 def add_parser(subparsers) -> None:
@@ -57,9 +65,21 @@ def add_parser(subparsers) -> None:
     e.add_argument("--runner", choices=("engine", "vllm-bench"), default="engine",
                    help="engine: one vLLM engine per variant (fast); vllm-bench: vllm bench throughput/latency")
     e.add_argument("--engine-json", default="{}", help="extra vllm.LLM kwargs for the engine runner (JSON object)")
-    e.add_argument("--variant-timeout", type=float, default=240.0, help="seconds per variant (engine runner)")
-    e.add_argument("--dry-run", action="store_true", help="write the model directories and print the commands")
+    e.add_argument("--min-window-s", type=float, default=5.0, help="measured seconds per batch size (engine)")
+    e.add_argument("--min-repeats", type=int, default=3, help="timed repeats per batch size (engine)")
+    e.add_argument("--ttft-iters", type=int, default=30)
+    e.add_argument("--variant-timeout", type=float, default=None,
+                   help="seconds per variant (engine runner; default: derived from the work, plan_budget_s)")
+    e.add_argument("--deadline-s", type=float, default=None,
+                   help="wall seconds for the whole command: timeouts shrink to fit, variants that cannot start "
+                        "in time are recorded as skipped (fit a GPU call's limit)")
+    e.add_argument("--dry-run", action="store_true", help="write the model directories, print them and the budgets")
     e.set_defaults(func=run)
+    m = sub.add_parser("merge", help="join e2e JSONs of several calls (same preset/layers/lengths) into one table")
+    m.add_argument("inputs", nargs="+", help="e2e JSON files; a variant in several keeps the last successful one")
+    m.add_argument("--json", required=True, help="merged JSON path (written atomically)")
+    m.add_argument("--markdown", default=None, help="append the merged table here")
+    m.set_defaults(func=run_merge)
     p.set_defaults(func=lambda a: p.print_help() or 2)
 
 
@@ -148,8 +168,11 @@ _QUANT = {"fp8": "fp8", "gptq_w4": "gptq_marlin", "mxmoe_w4": "mxmoe", "mxmoe_mi
 def bench_variant_engine(variant: str, d: str, a, logs: str) -> dict:
     """One engine for the variant (``mxserve.vllm_plugin.bench_runner`` subprocess); weight GiB from its log."""
     lj, log = os.path.join(logs, f"{variant}-engine.json"), os.path.join(logs, f"{variant}-engine.log")
+    timeout = a.variant_timeout
     cmd = [sys.executable, "-m", "mxserve.vllm_plugin.bench_runner", "--model", d, "--batch-sizes", a.batch_sizes,
            "--input-len", str(a.input_len), "--output-len", str(a.output_len), "--engine-json", a.engine_json,
+           "--min-window-s", str(getattr(a, "min_window_s", 5.0)), "--min-repeats", str(getattr(a, "min_repeats", 3)),
+           "--ttft-iters", str(getattr(a, "ttft_iters", 30)), "--budget-s", f"{max(timeout - 20.0, 1.0):.0f}",
            "--json", lj]
     if variant in _QUANT:
         cmd += ["--quantization", _QUANT[variant]]
@@ -159,9 +182,9 @@ def bench_variant_engine(variant: str, d: str, a, logs: str) -> dict:
         f.flush()
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            rc = proc.wait(timeout=a.variant_timeout)
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:  # kill the whole group: the engine-core child holds the GPU
-            rc = f"timeout after {a.variant_timeout:.0f}s"
+            rc = f"timeout after {timeout:.0f}s"
             _kill_group(proc)
         else:
             _kill_group(proc)  # a leftover engine core must not overlap the next variant
@@ -170,7 +193,11 @@ def bench_variant_engine(variant: str, d: str, a, logs: str) -> dict:
         raise RuntimeError(f"bench_runner {variant} failed (rc={rc}); log {log}:\n" + _first_errors(text))
     r = json.load(open(lj))
     res = {"variant": variant, "throughput": {int(b): v for b, v in r["throughput"].items()},
-           "ttft_ms": r["ttft_ms"], "ttft_p50_ms": r.get("ttft_p50_ms"), "startup_s": r.get("startup_s")}
+           "ttft_ms": r["ttft_ms"], "ttft_p50_ms": r.get("ttft_p50_ms"), "ttft_p99_ms": r.get("ttft_p99_ms"),
+           "startup_s": r.get("startup_s"), "timeout_s": round(timeout)}
+    if r.get("windows"):
+        res["windows"] = {int(b): {k: w[k] for k in ("repeats_tok_s", "window_s", "spread", "short")}
+                          for b, w in r["windows"].items()}
     mem = _MEM_RE.search(text)
     if mem:
         res["weight_gib"] = float(mem.group(1))
@@ -239,32 +266,60 @@ def bench_variant(variant: str, d: str, a, logs: str) -> dict:
 
 
 def markdown_rows(results: list[dict], batch_sizes: list[int], label: str) -> str:
-    """Markdown table: output tok/s per batch size, min ratio vs GPTQ-Marlin W4 at B<=32, TTFT, weight memory."""
+    """Markdown table: output tok/s per batch size (median of repeats), the largest repeat spread, min ratio vs
+    GPTQ-Marlin W4 at B<=32, TTFT p50 / p99, weight memory."""
     by = {r["variant"]: r for r in results}
     gptq, bf16 = by.get("gptq_w4"), by.get("bf16")
     gptq = gptq if gptq and "throughput" in gptq else None
     head = ("| run | variant | " + " | ".join(f"tok/s B={b}" for b in batch_sizes)
-            + " | min vs GPTQ-W4 (B<=32) | TTFT ms | weights GiB | weights vs bf16 |\n|" + "---|" * (len(batch_sizes) + 6))
+            + " | spread | min vs GPTQ-W4 (B<=32) | TTFT p50 / p99 ms | weights GiB | weights vs bf16 |\n|"
+            + "---|" * (len(batch_sizes) + 7))
     rows = []
     for r in results:
         if "throughput" not in r:
-            rows.append("| " + " | ".join([label, r["variant"], *("-" for _ in batch_sizes), "failed", "-", "-", "-"])
-                        + " |")
+            rows.append("| " + " | ".join([label, r["variant"], *("-" for _ in batch_sizes), "-", "failed", "-", "-",
+                                           "-"]) + " |")
             continue
         t = r["throughput"]
         ratios = [t[b] / gptq["throughput"][b] for b in batch_sizes
                   if b <= 32 and gptq and t.get(b) and gptq["throughput"].get(b)]
         wm, wb = r.get("weight_gib"), (bf16 or {}).get("weight_gib")
-        cells = [label, r["variant"], *(f"{t[b]:,.0f}" if t.get(b) else "-" for b in batch_sizes),
-                 f"{min(ratios):.2f}x" if ratios else "-", f"{r['ttft_ms']:.1f}" if "ttft_ms" in r else "-",
-                 f"{wm:.2f}" if wm else "-", f"{wm / wb:.2f}x" if wm and wb else "-"]
+        win = [w for b, w in (r.get("windows") or {}).items() if b in batch_sizes]
+        spread = (f"{100 * max(w['spread'] for w in win):.0f}%" + (" (short)" if any(w.get("short") for w in win) else "")
+                  if win else "-")
+        p50 = r.get("ttft_p50_ms") or r.get("ttft_ms")
+        ttft = "-" if p50 is None else f"{p50:.1f}" + (f" / {r['ttft_p99_ms']:.1f}" if r.get("ttft_p99_ms") else "")
+        cells = [label, r["variant"], *(f"{t[b]:,.0f}" if t.get(b) else "-" for b in batch_sizes), spread,
+                 f"{min(ratios):.2f}x" if ratios else "-", ttft, f"{wm:.2f}" if wm else "-",
+                 f"{wm / wb:.2f}x" if wm and wb else "-"]
         rows.append("| " + " | ".join(cells) + " |")
     return head + "\n" + "\n".join(rows) + "\n"
 
 
+def variant_timeout(a) -> float:
+    """Per-variant timeout: ``--variant-timeout``, else derived from the work (``bench_runner.plan_budget_s``)."""
+    if a.variant_timeout:
+        return float(a.variant_timeout)
+    return plan_budget_s(a.layers, [int(x) for x in a.batch_sizes.split(",")], a.input_len, a.output_len,
+                         a.min_window_s, a.min_repeats, a.ttft_iters)
+
+
+def _summary(a, results: list[dict], batch_sizes: list[int], wall_s: float) -> dict:
+    return {"preset": a.preset, "layers": a.layers, "input_len": a.input_len, "output_len": a.output_len,
+            "batch_sizes": batch_sizes, "runner": a.runner, "results": results,
+            "targets": targets(results, batch_sizes), "wall_s": round(wall_s, 1)}
+
+
+def _table(out: dict, label: str) -> str:
+    md = markdown_rows(out["results"], out["batch_sizes"], label)
+    return md + "".join(f"\n- {k}: {t['value']:.2f} (target {t['target']}) {'OK' if t['ok'] else 'MISSED'}"
+                        for k, t in out["targets"].items()) + "\n"
+
+
 def run(a) -> int:
     if getattr(a, "bench_command", None) != "e2e":
-        raise ValueError("usage: mxserve bench e2e ...")
+        raise ValueError("usage: mxserve bench e2e ... | mxserve bench merge ...")
+    t0 = _clock()
     variants = [v for v in a.variants.split(",") if v]
     bad = sorted(set(variants) - set(VARIANTS))
     if bad:
@@ -272,33 +327,86 @@ def run(a) -> int:
     logs = os.path.join(a.out, "logs")
     os.makedirs(logs, exist_ok=True)
     dirs = write_model_dirs(a.preset, a.layers, a.out, variants)
+    planned = variant_timeout(a)
     if a.dry_run:
-        print(json.dumps(dirs, indent=1))
+        print(json.dumps({"dirs": dirs, "variant_timeout_s": round(planned), "total_s": round(planned * len(variants)),
+                          "startup_allowance_s": estimate_startup_s(a.layers)}, indent=1))
         return 0
-    t0, results = time.time(), []
+    results = []
     batch_sizes = [int(x) for x in a.batch_sizes.split(",")]
     label = f"{a.preset} L={a.layers} in{a.input_len}/out{a.output_len}"
     fn = bench_variant_engine if a.runner == "engine" else bench_variant
     out: dict = {}
     for v in variants:
-        tv = time.time()
-        try:
-            res = fn(v, dirs[v], a, logs)
-        except Exception as e:  # record and go on: one broken peer must not cost the whole comparison
-            res = {"variant": v, "error": str(e)[-4000:]}
-            print(f"[bench e2e] {v} FAILED: {str(e)[:2000]}", file=sys.stderr, flush=True)
-        res["wall_s"] = round(time.time() - tv, 1)
+        tv = _clock()
+        left = None if a.deadline_s is None else a.deadline_s - (tv - t0) - 15.0  # 15 s: kill + JSON + table
+        need = estimate_startup_s(a.layers) + 30.0
+        if left is not None and left < need:
+            res = {"variant": v, "error": f"skipped: {left:.0f} s left of --deadline-s, a variant needs >= {need:.0f}"}
+            print(f"[bench e2e] {v} SKIPPED ({res['error']})", file=sys.stderr, flush=True)
+        else:
+            av = argparse.Namespace(**{**vars(a), "variant_timeout": planned if left is None else min(planned, left)})
+            try:
+                res = fn(v, dirs[v], av, logs)
+            except Exception as e:  # record and go on: one broken peer must not cost the whole comparison
+                res = {"variant": v, "error": str(e)[-4000:]}
+                print(f"[bench e2e] {v} FAILED: {str(e)[:2000]}", file=sys.stderr, flush=True)
+        res["wall_s"] = round(_clock() - tv, 1)
         results.append(res)
-        print(json.dumps({k: v_ for k, v_ in res.items() if k != "error"}), flush=True)
-        out = {"preset": a.preset, "layers": a.layers, "input_len": a.input_len, "output_len": a.output_len,
-               "batch_sizes": batch_sizes, "runner": a.runner, "results": results,
-               "targets": targets(results, batch_sizes), "wall_s": round(time.time() - t0, 1)}
+        print(json.dumps({k: v_ for k, v_ in res.items() if k not in ("error", "windows")}), flush=True)
+        out = _summary(a, results, batch_sizes, _clock() - t0)
         write_json_atomic(a.json, out)
-    md = markdown_rows(results, batch_sizes, label)
-    md += "".join(f"\n- {k}: {t['value']:.2f} (target {t['target']}) {'OK' if t['ok'] else 'MISSED'}"
-                  for k, t in out["targets"].items()) + "\n"
+    md = _table(out, label)
     print(md)
     if a.markdown:
         with open(a.markdown, "a") as f:
             f.write(md)
     return 0 if all("error" not in r for r in results) else 1
+
+
+def _int_keys(res: dict) -> dict:
+    """A result with its per-batch dicts keyed by int B again (JSON turned them into strings)."""
+    return {**res, **{f: {int(b): x for b, x in res[f].items()} for f in ("throughput", "windows") if res.get(f)}}
+
+
+def merge_results(runs: list[dict]) -> dict:
+    """One e2e summary from several calls' JSONs (same preset, layers, lengths): variants in first-seen order, a
+    variant measured in several keeps the last successful result; batch sizes = the union; targets recomputed.
+
+    Raises:
+        ValueError: naming the field when the runs measured different geometries or lengths.
+    """
+    if not runs:
+        raise ValueError("bench merge: no input JSON")
+    for f in ("preset", "layers", "input_len", "output_len"):
+        vals = {r.get(f) for r in runs}
+        if len(vals) > 1:
+            raise ValueError(f"bench merge: inputs differ in {f!r}: {sorted(map(str, vals))}")
+    by: dict[str, dict] = {}
+    for r in runs:
+        for res in r.get("results", []):
+            if "throughput" in res or "throughput" not in by.get(res["variant"], {}):
+                by[res["variant"]] = _int_keys(res)
+    bs = sorted({int(b) for r in runs for b in r.get("batch_sizes", [])})
+    results = list(by.values())
+    return {**{f: runs[0].get(f) for f in ("preset", "layers", "input_len", "output_len", "runner")},
+            "batch_sizes": bs, "results": results, "targets": targets(results, bs),
+            "wall_s": round(sum(r.get("wall_s", 0) for r in runs), 1), "merged_from": len(runs)}
+
+
+def run_merge(a) -> int:
+    runs = []
+    for path in a.inputs:
+        try:
+            with open(path) as f:
+                runs.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"bench merge: cannot read {path}: {e}") from e
+    out = merge_results(runs)
+    write_json_atomic(a.json, out)
+    md = _table(out, f"{out['preset']} L={out['layers']} in{out['input_len']}/out{out['output_len']} (merged)")
+    print(md)
+    if a.markdown:
+        with open(a.markdown, "a") as f:
+            f.write(md)
+    return 0 if all("error" not in r for r in out["results"]) else 1

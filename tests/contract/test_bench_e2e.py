@@ -20,9 +20,13 @@ def test_markdown_ratios():
     res = [{"variant": "gptq_w4", "throughput": {1: 100.0, 32: 1000.0}, "ttft_ms": 5.0, "weight_gib": 2.0},
            {"variant": "bf16", "throughput": {1: 50.0, 32: 700.0}, "ttft_ms": 4.0, "weight_gib": 8.0},
            {"variant": "mxmoe_w4", "throughput": {1: 120.0, 32: 900.0}, "ttft_ms": 5.5, "weight_gib": 2.2}]
+    res[2]["windows"] = {1: {"spread": 0.04, "short": False}, 32: {"spread": 0.12, "short": True}}
+    res[2]["ttft_p50_ms"], res[2]["ttft_p99_ms"] = 5.2, 9.75
     md = markdown_rows(res, [1, 32], "run").splitlines()
     row = next(l for l in md if "mxmoe_w4" in l)
     assert "| 0.90x |" in row and "| 0.28x |" in row and "| 120 | 900 |" in row
+    assert "| 12% (short) |" in row and "| 5.2 / 9.8 |" in row        # largest spread; TTFT p50 / p99
+    assert "| 5.0 |" in next(l for l in md if "gptq_w4" in l)          # no p50 recorded: the mean
 
 
 def test_cli_registers_e2e():
@@ -54,8 +58,8 @@ class _Out:
 class _FakeLLM:
     """Stands in for vllm.LLM: 'generates' max_tokens per prompt after a fixed delay per call."""
 
-    def __init__(self, short=False):
-        self.calls, self.short = [], short
+    def __init__(self, short=False, delay=0.01):
+        self.calls, self.short, self.delay = [], short, delay
         self.model_config = type("M", (), {"get_vocab_size": lambda self: 1000})()
 
     def get_tokenizer(self):
@@ -64,23 +68,60 @@ class _FakeLLM:
     def generate(self, prompts, sp, use_tqdm=False):
         import time
         self.calls.append((len(prompts), sp.max_tokens, max(max(p["prompt_token_ids"]) for p in prompts)))
-        time.sleep(0.01)
+        time.sleep(self.delay if sp.max_tokens > 1 else 0.001 * len(self.calls) % 0.007)
         return [_Out(sp.max_tokens - (1 if self.short else 0)) for _ in prompts]
 
 
-def test_runner_measure_counts_tokens(vllm_cpu):
-    from mxserve.vllm_plugin.bench_runner import measure, parse_args
-    a = parse_args(["--model", "m", "--json", "x", "--batch-sizes", "1,4", "--output-len", "32", "--input-len", "8",
-                    "--ttft-iters", "3", "--warmup", "1"])
+def _runner_args(*extra):
+    from mxserve.vllm_plugin.bench_runner import parse_args
+    return parse_args(["--model", "m", "--json", "x", "--batch-sizes", "1,4", "--output-len", "32", "--input-len", "8",
+                       "--ttft-iters", "20", "--warmup", "1", "--min-window-s", "0.1", "--min-repeats", "3", *extra])
+
+
+def test_runner_measure_windows_and_ttft_percentiles(vllm_cpu):
+    import statistics
+
+    from mxserve.vllm_plugin.bench_runner import measure, percentile
+    a = _runner_args()
     llm = _FakeLLM()
     r = measure(llm, a)
     assert set(r["throughput"]) == {1, 4}
-    assert r["throughput"][4] == pytest.approx(4 * 32 / r["elapsed_s"][4])
-    # call 0: global warm-up; then per batch size an untimed 4-token pass at that batch's size, then the timed one
-    assert [c[:2] for c in llm.calls[1:5]] == [(1, 4), (1, 32), (4, 4), (4, 32)] and all(c[2] < 500 for c in llm.calls)
-    assert len(llm.calls) == 5 + 4 and r["ttft_ms"] >= 10.0
+    for b in (1, 4):
+        w = r["windows"][b]
+        # repeats until the window is >= 0.1 s AND >= 3 repeats; the median repeat is reported, with its spread
+        assert w["window_s"] >= 0.1 and len(w["repeats_tok_s"]) >= 3 and not w["short"]
+        assert r["throughput"][b] == statistics.median(w["repeats_tok_s"])
+        assert w["spread"] == pytest.approx((max(w["repeats_tok_s"]) - min(w["repeats_tok_s"])) / r["throughput"][b])
+        assert max(w["repeats_tok_s"]) <= b * 32 / 0.01                  # each repeat took >= the fake's 10 ms
+    # call 0: global warm-up; per batch size an untimed 4-token pass, then the timed repeats of 32 tokens
+    seq = [c[:2] for c in llm.calls]
+    n1 = len(r["windows"][1]["repeats_tok_s"])
+    assert seq[1] == (1, 4) and seq[2:2 + n1] == [(1, 32)] * n1 and seq[2 + n1] == (4, 4)
+    assert all(c[2] < 500 for c in llm.calls) and sum(1 for c in seq if c == (1, 1)) == 21
+    assert r["ttft_n"] == 20 and r["ttft_p50_ms"] <= r["ttft_p99_ms"]
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5 and percentile([1.0, 2.0], 99) == pytest.approx(1.99)
     with pytest.raises(RuntimeError, match="expected 32"):
         measure(_FakeLLM(short=True), a)
+
+
+def test_runner_budget_cuts_repeats_and_flags_short_windows(vllm_cpu):
+    import time
+
+    from mxserve.vllm_plugin.bench_runner import measure
+    a = _runner_args("--min-window-s", "30")
+    r = measure(_FakeLLM(delay=0.02), a, deadline=time.perf_counter() + 0.5)  # far less than 2 x 30 s
+    for b in (1, 4):
+        assert r["windows"][b]["short"] and 1 <= len(r["windows"][b]["repeats_tok_s"]) < 50
+
+
+def test_budget_derives_from_the_work():
+    from mxserve.vllm_plugin.bench_runner import estimate_call_s, plan_budget_s
+    small = plan_budget_s(4, [1, 8, 32], 128, 512)
+    assert plan_budget_s(4, [1, 8, 32, 256], 128, 512) > small                # more batch sizes: more time
+    assert plan_budget_s(48, [1, 8, 32], 128, 512) > 2 * small                 # more layers: more time
+    assert plan_budget_s(4, [1, 8, 32], 128, 512, min_window_s=20) > small + 3 * 10
+    # the 4-layer GPTQ-W4 B=8 window measured 1.1 s on the H200: the estimate must not be below it
+    assert estimate_call_s(4, 8, 128, 512) >= 1.1
 
 
 def test_engine_variant_parses_log(tmp_path, monkeypatch):
@@ -103,9 +144,59 @@ def test_engine_variant_parses_log(tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "Popen", FakePopen)
     monkeypatch.setattr(bench, "_kill_group", lambda p: None)
-    a = types.SimpleNamespace(batch_sizes="1,8", input_len=8, output_len=16, engine_json="{}", variant_timeout=10)
+    a = types.SimpleNamespace(batch_sizes="1,8", input_len=8, output_len=16, engine_json="{}", variant_timeout=100)
     r = bench.bench_variant_engine("gptq_w4", "/m", a, str(tmp_path))
     assert r == {"variant": "gptq_w4", "throughput": {1: 10.0, 8: 70.0}, "ttft_ms": 12.5, "ttft_p50_ms": None,
-                 "startup_s": 40, "weight_gib": 2.38}
+                 "ttft_p99_ms": None, "startup_s": 40, "weight_gib": 2.38, "timeout_s": 100}
     cmd = open(tmp_path / "gptq_w4-engine.log").readline()
-    assert "--quantization gptq_marlin" in cmd
+    assert "--quantization gptq_marlin" in cmd and "--budget-s 80" in cmd   # the runner fits inside the timeout
+
+
+def test_merge_joins_calls_and_rejects_mismatched_runs(tmp_path):
+    import json
+
+    from mxserve.cli.bench import merge_results
+    from mxserve.cli.main import build_parser
+    base = {"preset": "p", "layers": 48, "input_len": 128, "output_len": 512, "runner": "engine", "wall_s": 500}
+    a = {**base, "batch_sizes": [1, 32], "results": [
+        {"variant": "gptq_w4", "throughput": {"1": 100.0, "32": 1000.0}, "windows": {"1": {"spread": 0.1}}},
+        {"variant": "mxmoe_w4", "error": "timeout"}]}
+    b = {**base, "batch_sizes": [1, 32], "results": [
+        {"variant": "mxmoe_w4", "throughput": {"1": 110.0, "32": 990.0}},
+        {"variant": "gptq_w4", "error": "skipped"}]}
+    m = merge_results([json.loads(json.dumps(a)), json.loads(json.dumps(b))])
+    assert [r["variant"] for r in m["results"]] == ["gptq_w4", "mxmoe_w4"]
+    assert m["results"][0]["throughput"] == {1: 100.0, 32: 1000.0} and m["results"][0]["windows"][1]["spread"] == 0.1
+    assert m["targets"]["mxmoe_w4_min_vs_gptq_w4"]["value"] == pytest.approx(0.99) and m["wall_s"] == 1000
+    with pytest.raises(ValueError, match="'layers'"):
+        merge_results([a, {**b, "layers": 4}])
+    for i, r in enumerate((a, b)):
+        (tmp_path / f"{i}.json").write_text(json.dumps(r))
+    args = build_parser("bench").parse_args(["bench", "merge", str(tmp_path / "0.json"), str(tmp_path / "1.json"),
+                                             "--json", str(tmp_path / "m.json"), "--markdown", str(tmp_path / "m.md")])
+    assert args.func(args) == 0 and "| 0.99x |" in (tmp_path / "m.md").read_text()
+    assert json.loads((tmp_path / "m.json").read_text())["merged_from"] == 2
+
+
+def test_deadline_skips_variants_that_cannot_start(tmp_path, monkeypatch):
+    import json
+
+    from mxserve.cli import bench
+    from mxserve.cli.main import build_parser
+    monkeypatch.setattr(bench, "write_model_dirs", lambda p, l, o, vs: {v: str(tmp_path / v) for v in vs})
+    seen = []
+
+    def fake(v, d, a, logs):
+        seen.append(a.variant_timeout)
+        return {"variant": v, "throughput": {1: 1.0}}
+    monkeypatch.setattr(bench, "bench_variant_engine", fake)
+    args = build_parser("bench").parse_args(["bench", "e2e", "--out", str(tmp_path), "--json", str(tmp_path / "e.json"),
+                                             "--layers", "4", "--variants", "bf16,fp8", "--batch-sizes", "1"])
+    assert args.func(args) == 0 and seen[0] == pytest.approx(bench.variant_timeout(args))
+    seen.clear()
+    args.deadline_s = bench.estimate_startup_s(4) + 60                         # one variant's start-up fits, not 2x
+    ticks = iter([0.0, 0.0])                                                 # start, first variant; then +100 s
+    monkeypatch.setattr(bench, "_clock", lambda: next(ticks, 100.0))
+    assert args.func(args) == 1 and len(seen) == 1 and seen[0] <= args.deadline_s
+    res = json.loads((tmp_path / "e.json").read_text())["results"]
+    assert "throughput" in res[0] and res[1]["error"].startswith("skipped")
