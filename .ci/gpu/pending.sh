@@ -3,17 +3,23 @@
 # Usage on the GPU machine, after `source .gpukit/install.sh` (vLLM steps) from the repo root:
 #   bash .ci/gpu/pending.sh STEP        results and logs under $OUT (default /tmp/out)
 # Steps (in the order worth running; times measured on the H200 in session 3 or estimated):
-#   kernels   warm-up + offload slot-pool exactness + FMA / split-K grid (no vLLM, ~3 min)   issues 4, 7
+#   kernels   warm-up (sweeps every T after it) + offload slot-pool exactness + FMA / split-K grid
+#             (no vLLM, ~4-5 min)                                                            issues 4, 7
 #   tune      decode re-tune (FMA, split-K) then bench_moe vs vLLM peers at T<=64 (~6 min)   issue 4
 #             (configs come back as $OUT/configs.tar: untar into mxserve_kernels/moe/configs and commit)
 #   offload   vLLM serve: resident default / resident PIECEWISE / offload 0.25 (~6 min)      issue 7
-#   e2e       mxserve bench e2e, 4-layer A3B, bf16/fp8/GPTQ/mxmoe W4/2.5-bit mix (~9 min)   issue 5
+#   e2e       mxserve bench e2e, 4-layer A3B, GPTQ-W4 / mxmoe W4 / 2.5-bit mix, B=1,8,32,256 (~6-8 min)  issue 5
+#   e2e-peers the same for bf16 / fp8 (~4-5 min); then on any machine:                       issue 5
+#             mxserve bench merge e2e.json e2e-peers.json --json e2e-all.json --markdown e2e-all.md
+#   e2e48     48 layers, VARIANTS (default gptq_w4,mxmoe_w4) per call; variants that cannot start before the
+#             deadline are recorded as skipped: run them in the next call, then merge all e2e48-*.json
 #   metrics   /metrics scrape under load, default compile (~4 min)                           issue 9
 #   kvbench   KV kernel bench vs vLLM attention (~3 min)                                     issue 6
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/logs"
 export MXSERVE_TEST_LOG_DIR=$OUT/logs
-step=${1:?usage: pending.sh kernels|tune|offload|e2e|metrics|kvbench}
+step=${1:?usage: pending.sh kernels|tune|offload|e2e|e2e-peers|e2e48|metrics|kvbench}
+DEADLINE=${DEADLINE:-540}  # seconds for one e2e command (the device call's 600 s, less install and copy)
 case $step in
   kernels)
     MXSERVE_TEST_JSON=$OUT/kernels.json python3 -m pytest -q -m gpu tests/kernels/test_kernel_warmup.py \
@@ -25,11 +31,18 @@ case $step in
       --plot "$OUT/moe_decode.png" --peers mxserve.vllm_plugin.bench_peers:moe_peers > "$OUT/bench.log" 2>&1 ;;
   offload)
     MXSERVE_TEST_JSON=$OUT/offload_vllm.json python3 -m pytest -q -m gpu tests/integration/test_offload_vllm.py ;;
-  e2e)
-    # engine runner logs stay in /tmp/e2e/logs: copied to $OUT at the end, also on failure
-    timeout 560 mxserve bench e2e --preset qwen3-30b-a3b --layers 4 --batch-sizes 1,8,32 --variant-timeout 110 \
-      --out /tmp/e2e --json "$OUT/e2e.json" --markdown "$OUT/e2e.md"
-    rc=$?; cp -r /tmp/e2e/logs "$OUT/e2e_logs"; exit $rc ;;
+  e2e|e2e-peers|e2e48)
+    # engine runner logs stay in /tmp/e2e*/logs: copied to $OUT at the end, also on failure; per-variant timeouts
+    # derive from the work (bench_runner.plan_budget_s) and shrink to fit --deadline-s
+    case $step in
+      e2e) layers=4; variants=gptq_w4,mxmoe_w4,mxmoe_mix25; name=e2e ;;
+      e2e-peers) layers=4; variants=bf16,fp8; name=e2e-peers ;;
+      e2e48) layers=48; variants=${VARIANTS:-gptq_w4,mxmoe_w4}; name=e2e48-${variants//,/-} ;;
+    esac
+    timeout $((DEADLINE + 20)) mxserve bench e2e --preset qwen3-30b-a3b --layers $layers --batch-sizes 1,8,32,256 \
+      --variants $variants --deadline-s "$DEADLINE" --out /tmp/e2e$layers --json "$OUT/$name.json" \
+      --markdown "$OUT/$name.md"
+    rc=$?; cp -r /tmp/e2e$layers/logs "$OUT/${name}_logs"; exit $rc ;;
   metrics)
     OUT=$OUT python3 -m pytest -q -m gpu tests/integration/test_metrics_gpu.py ;;
   kvbench)

@@ -340,7 +340,7 @@ def run(a) -> int:
     for v in variants:
         tv = _clock()
         left = None if a.deadline_s is None else a.deadline_s - (tv - t0) - 15.0  # 15 s: kill + JSON + table
-        need = estimate_startup_s(a.layers) + 30.0
+        need = 0.5 * estimate_startup_s(a.layers) + 30.0  # below this, even a fast start-up cannot finish: skip
         if left is not None and left < need:
             res = {"variant": v, "error": f"skipped: {left:.0f} s left of --deadline-s, a variant needs >= {need:.0f}"}
             print(f"[bench e2e] {v} SKIPPED ({res['error']})", file=sys.stderr, flush=True)
