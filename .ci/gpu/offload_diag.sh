@@ -12,7 +12,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/logs"
 export MXSERVE_TEST_LOG_DIR=$OUT/logs MXSERVE_TEST_JSON=$OUT/offload_vllm.json
-timeout 570 python3 -m pytest -q -m gpu -rA tests/integration/test_offload_vllm.py "$@" 2>&1 | tail -40
+timeout 540 python3 -m pytest -q -m gpu -rA tests/integration/test_offload_vllm.py "$@" 2>&1 | tail -40
 rc=${PIPESTATUS[0]}
 grep -l "Input addresses for cudagraphs are different" "$OUT"/logs/*.log 2>/dev/null | sed 's/^/address assertion in: /'
 exit "$rc"
