@@ -110,13 +110,14 @@ def separate_launch_fn(w, x, tw, ids):
         parts.append((sub, route))
 
     r = t * k / w.num_experts
+    deq = not cfg["w13"].get("INLOOP")
 
     def run():  # same per-launch choices as fused_moe (incl. the prefill dequant path)
         out = None
         for (w13, w2), route in parts:
-            h = grouped_gemm(x, _prefill_weights(w13, r, x, True), cfg["w13"], mode=MODE_GATE_UP, route=route,
+            h = grouped_gemm(x, _prefill_weights(w13, r, x, deq), cfg["w13"], mode=MODE_GATE_UP, route=route,
                              a_div=k)
-            y = grouped_gemm(h, _prefill_weights(w2, r, x, True), cfg["w2"], mode=MODE_DOWN, route=route,
+            y = grouped_gemm(h, _prefill_weights(w2, r, x, deq), cfg["w2"], mode=MODE_DOWN, route=route,
                              topk_weights=tw, zero_init=True)
             out = y if out is None else out + y
         return out.view(t, k, -1).sum(1)

@@ -59,6 +59,25 @@ def candidates(rows_per_expert: float, quick: bool):
                        FMA=1, SPLIT_K=sk)
 
 
+def prefill_inloop_candidates():
+    """KT configs for prefill on the packed weights (in-loop dequant; tiles sized for the registers of the dequantized
+    8*BLOCK_K x BLOCK_N step plus the gate and up accumulators)."""
+    for bm, bn, bk, nw in ((64, 64, 16, 4), (64, 128, 16, 8), (128, 64, 16, 8), (128, 128, 16, 8), (64, 64, 32, 4),
+                           (128, 64, 32, 8)):
+        yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=3, KT=1)
+
+
+def _best_pair(results: dict, what: str) -> dict:
+    """Both projections share one route, hence BLOCK_M: the best (us, cfg) per projection at the BLOCK_M whose sum
+    is lowest among those both measured."""
+    bms = {c["BLOCK_M"] for _, c in results["w13"]} & {c["BLOCK_M"] for _, c in results["w2"]}
+    if not bms:
+        raise RuntimeError(f"tune_moe: no config ran for {what}")
+    pick = {bm: {p: min((r for r in results[p] if r[1]["BLOCK_M"] == bm), key=lambda r: r[0])
+                 for p in ("w13", "w2")} for bm in bms}
+    return min(pick.values(), key=lambda b: b["w13"][0] + b["w2"][0])
+
+
 def tune_shape(model: str, tokens: list[int], quick: bool) -> dict:
     """Best config per T for one model shape (W4 experts); writes the config JSON atomically."""
     rep = 30 if quick else 100
@@ -89,13 +108,26 @@ def tune_shape(model: str, tokens: list[int], quick: bool) -> dict:
                     results[proj].append((_bench(fn, graph=True, rep=rep), cfg))
                 except Exception as exc:  # out of shared memory etc.
                     print(f"  skip {cfg}: {type(exc).__name__}", file=sys.stderr)
-        # both projections share one route, hence BLOCK_M: best sum of the two over the BLOCK_M both measured
-        bms = {c["BLOCK_M"] for _, c in results["w13"]} & {c["BLOCK_M"] for _, c in results["w2"]}
-        if not bms:
-            raise RuntimeError(f"tune_moe: no config ran for {model} T={t}")
-        pick = {bm: {p: min((r for r in results[p] if r[1]["BLOCK_M"] == bm), key=lambda r: r[0])
-                     for p in ("w13", "w2")} for bm in bms}
-        best = min(pick.values(), key=lambda b: b["w13"][0] + b["w2"][0])
+        best = _best_pair(results, f"{model} T={t}")
+        if pre:  # prefill: the dequant path (its two dequant launches included) vs in-loop KT on the packed weights
+            deq_us = _bench(lambda: (dequant_bf16(w.w13), dequant_bf16(w.w2)), graph=True, rep=rep)
+            inloop = {"w13": [], "w2": []}
+            for cfg in prefill_inloop_candidates():
+                route = moe_align(ids, e, cfg["BLOCK_M"])
+                for proj, fn in (("w13", lambda: grouped_gemm(x, w.w13, cfg, mode=MODE_GATE_UP, route=route,
+                                                              a_div=k)),
+                                 ("w2", lambda: grouped_gemm(hmid, w.w2, cfg, mode=MODE_DOWN, route=route,
+                                                             topk_weights=tw))):
+                    try:
+                        inloop[proj].append((_bench(fn, graph=True, rep=rep), cfg))
+                    except Exception as exc:  # out of shared memory / registers
+                        print(f"  skip in-loop {cfg}: {type(exc).__name__}", file=sys.stderr)
+            alt = _best_pair(inloop, f"{model} T={t} in-loop") if inloop["w13"] and inloop["w2"] else None
+            dq_total = deq_us + best["w13"][0] + best["w2"][0]
+            print(f"{model} T={t}: dequant path {dq_total:.1f}us (dequant {deq_us:.1f}us)"
+                  + (f", in-loop KT {alt['w13'][0] + alt['w2'][0]:.1f}us" if alt else ""), flush=True)
+            if alt and alt["w13"][0] + alt["w2"][0] < dq_total:
+                best = {p: (alt[p][0], {**alt[p][1], "INLOOP": 1}) for p in ("w13", "w2")}
         table[str(t)] = {"w13": best["w13"][1], "w2": best["w2"][1]}
         print(f"{model} T={t}: w13 {best['w13'][0]:.1f}us {best['w13'][1]}  w2 {best['w2'][0]:.1f}us "
               f"{best['w2'][1]}", flush=True)

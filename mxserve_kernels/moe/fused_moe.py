@@ -50,7 +50,8 @@ def fused_moe(x: torch.Tensor, w: MoEWeights, topk_weights: torch.Tensor, topk_i
         config: launch configs (default: tuned JSON or the documented default).
         route: precomputed tile map (e.g. from vLLM's moe_align_block_size); BLOCK_M must match the config.
         prefill_dequant: allow the prefill path (>= PREFILL_DEQUANT_ROWS rows per expert: integer experts
-            dequantized to a bf16 [E, K, N] scratch, then bf16 GEMMs).
+            dequantized to a bf16 [E, K, N] scratch, then bf16 GEMMs) unless the config says ``"INLOOP": 1`` (the
+            tuner measured in-loop dequant faster at that T).
     Returns:
         [T, H] x.dtype. On CPU without TRITON_INTERPRET=1 this is ``reference.fused_moe``.
     """
@@ -66,8 +67,9 @@ def fused_moe(x: torch.Tensor, w: MoEWeights, topk_weights: torch.Tensor, topk_i
     if route is None:
         route = moe_align(topk_ids, w.num_experts, cfg["w13"]["BLOCK_M"], expert_map)
     r = t * k / max(w.num_experts, 1)
-    h = grouped_gemm(x, _prefill_weights(w.w13, r, x, prefill_dequant), cfg["w13"], mode=MODE_GATE_UP, route=route,
+    deq = prefill_dequant and not cfg["w13"].get("INLOOP")  # tuned prefill configs may prefer in-loop dequant
+    h = grouped_gemm(x, _prefill_weights(w.w13, r, x, deq), cfg["w13"], mode=MODE_GATE_UP, route=route,
                      a_div=k)  # [T*K, I]
-    y = grouped_gemm(h, _prefill_weights(w.w2, r, x, prefill_dequant), cfg["w2"], mode=MODE_DOWN, route=route,
+    y = grouped_gemm(h, _prefill_weights(w.w2, r, x, deq), cfg["w2"], mode=MODE_DOWN, route=route,
                      topk_weights=topk_weights, zero_init=expert_map is not None)  # [T*K, H], router weights applied
     return y.view(t, k, w.hidden).sum(dim=1) if k > 1 else y.view(t, w.hidden)
