@@ -285,8 +285,8 @@ def markdown_rows(results: list[dict], batch_sizes: list[int], label: str) -> st
                   if b <= 32 and gptq and t.get(b) and gptq["throughput"].get(b)]
         wm, wb = r.get("weight_gib"), (bf16 or {}).get("weight_gib")
         win = [w for b, w in (r.get("windows") or {}).items() if b in batch_sizes]
-        spread = (f"{100 * max(w['spread'] for w in win):.0f}%" + (" (short)" if any(w.get("short") for w in win) else "")
-                  if win else "-")
+        short = " (short)" if any(w.get("short") for w in win) else ""
+        spread = f"{100 * max(w['spread'] for w in win):.0f}%{short}" if win else "-"
         p50 = r.get("ttft_p50_ms") or r.get("ttft_ms")
         ttft = "-" if p50 is None else f"{p50:.1f}" + (f" / {r['ttft_p99_ms']:.1f}" if r.get("ttft_p99_ms") else "")
         cells = [label, r["variant"], *(f"{t[b]:,.0f}" if t.get(b) else "-" for b in batch_sizes), spread,

@@ -148,7 +148,7 @@ def test_engine_variant_parses_log(tmp_path, monkeypatch):
     r = bench.bench_variant_engine("gptq_w4", "/m", a, str(tmp_path))
     assert r == {"variant": "gptq_w4", "throughput": {1: 10.0, 8: 70.0}, "ttft_ms": 12.5, "ttft_p50_ms": None,
                  "ttft_p99_ms": None, "startup_s": 40, "weight_gib": 2.38, "timeout_s": 100}
-    cmd = open(tmp_path / "gptq_w4-engine.log").readline()
+    cmd = (tmp_path / "gptq_w4-engine.log").read_text().splitlines()[0]
     assert "--quantization gptq_marlin" in cmd and "--budget-s 80" in cmd   # the runner fits inside the timeout
 
 
