@@ -1,6 +1,7 @@
 """Launcher: paged decode attention over packed K/V slots plus full-precision tokens (Triton, reference on CPU).
 
-CUDA-graph safe: fixed grid (B, H_kv, num_splits + 1), no host sync, the split merge is plain torch ops.
+CUDA-graph safe: fixed grid (B, H_kv, num_splits + 1) that depends on the batch shape only, no host sync; the
+split merge is a second Triton launch (``merge_kernel``) writing straight into ``out``.
 """
 from __future__ import annotations
 
@@ -11,34 +12,49 @@ from mxserve_kernels.attention.kv_format import KVSlotFormat
 from mxserve_kernels.attention.kv_store import HAS_TRITON, _interpret, _pow2, check_cache, tensor_constexprs
 
 if HAS_TRITON:
-    from mxserve_kernels.attention.decode_kernels import paged_decode_kernel
+    from mxserve_kernels.attention.decode_kernels import merge_kernel, paged_decode_kernel
 
 _MIN_DOT = 16  # tl.dot needs every dim >= 16
+DEFAULT_BLOCK_N = 64
+DEFAULT_NUM_WARPS = 4
+_TARGET_PROGRAMS_PER_SM = 4
+
+
+def _tensor_constexprs(bits: float, group: int, d: int, pre: str) -> dict:
+    """Layout constants of K or V for the decode kernel (see the module docstring of ``decode_kernels``).
+
+    NB = code bytes of the whole head, NBT = NB padded to a power of two (>= 16, a tl.dot dim), PM = sub-codes per
+    byte in the main expanded tile (ternary: digits 0..3; digit 4 is the extra tile), MP = meta halves padded.
+    """
+    c = tensor_constexprs(bits, group, d, pre)
+    ng, nbg, per = d // group, c[pre + "NB"], c[pre + "PER"]
+    nb = ng * nbg
+    return {pre + "G": group, pre + "NG": ng, pre + "NBG": nbg, pre + "NB": nb, pre + "NBT": max(_pow2(nb), _MIN_DOT),
+            pre + "PER": per, pre + "PM": 4 if c[pre + "TERN"] else per, pre + "MP": _pow2(2 * ng),
+            pre + "BITS": c[pre + "BITS"], pre + "TERN": c[pre + "TERN"], pre + "QMAX": c[pre + "QMAX"]}
 
 
 def _kernel_constexprs(fmt: KVSlotFormat) -> dict:
-    out = {}
-    for pre, bits, g in (("K", fmt.k_bits, fmt.k_group), ("V", fmt.v_bits, fmt.v_group)):
-        c = tensor_constexprs(bits, g, fmt.head_dim, pre)
-        for key in ("G", "PER", "NB", "BITS", "TERN", "QMAX"):
-            out[pre + key] = c[pre + key]
-    return out
+    return {**_tensor_constexprs(fmt.k_bits, fmt.k_group, fmt.head_dim, "K"),
+            **_tensor_constexprs(fmt.v_bits, fmt.v_group, fmt.head_dim, "V")}
 
 
-def merge_partials(o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """Merge split partials: o [B, Hq, S, D] (each normalised), lse [B, Hq, S] (-inf = empty) -> [B, Hq, D] fp32."""
-    m = lse.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w = torch.exp(lse - m)                                # empty splits weigh 0
-    den = w.sum(-1, keepdim=True)
-    return (o * w.unsqueeze(-1)).sum(-2) / torch.where(den > 0, den, torch.ones_like(den))
+def auto_num_splits(batch: int, num_kv_heads: int, device: torch.device | None = None) -> int:
+    """Split count so that B * H_kv * splits fills the GPU ~4 programs deep (a pure function of the batch shape, so
+    CUDA-graph safe). Power of two in [1, 64]."""
+    sms = 4  # CPU (TRITON_INTERPRET): keep the grid small
+    if device is not None and device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = _TARGET_PROGRAMS_PER_SM * sms / max(batch * num_kv_heads, 1)
+    return max(1, min(64, _pow2(int(want + 0.5))))
 
 
 def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, pk_lo: torch.Tensor,
                            pk_hi: torch.Tensor, fp_k: torch.Tensor, fp_v: torch.Tensor, fp_len: torch.Tensor,
                            fmt: KVSlotFormat, scale: float, k_perm: torch.Tensor | None = None,
-                           v_perm: torch.Tensor | None = None, num_splits: int = 8, block_n: int = 32,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           v_perm: torch.Tensor | None = None, num_splits: int | None = None,
+                           block_n: int = DEFAULT_BLOCK_N, out: torch.Tensor | None = None,
+                           num_warps: int = DEFAULT_NUM_WARPS) -> torch.Tensor:
     """out[b] = softmax(q[b] . [K_packed[pk_lo:pk_hi]; fp_k[b,:fp_len]] * scale) @ [V_packed; fp_v].
 
     Args:
@@ -46,10 +62,11 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: to
         block_table: [B, max_pages] int32. pk_lo, pk_hi: [B] int32 packed position range per request.
         fp_k, fp_v: [B, F, H, D] full-precision tokens; fp_len: [B] int32 (<= F).
         fmt: slot format; scale: softmax scale; k_perm, v_perm: [H, D] int32 channel orders or None.
-        num_splits: split-K programs per (request, kv head) over the packed range; block_n: tokens per tile.
-        out: optional [B, Hq, D] output buffer (q's dtype).
+        num_splits: split-K programs per (request, kv head) over the packed range (None: ``auto_num_splits``,
+            a function of B and H only); block_n: tokens per tile (rounded up to a power of two >= 16); num_warps: per program.
+        out: optional [B, Hq, D] output buffer (any float dtype, last dim contiguous).
     Returns:
-        [B, Hq, D] in q's dtype (fp32 on the reference path when q is fp32).
+        [B, Hq, D] in q's dtype (fp32 on the reference path when q is fp32), or ``out``.
     """
     check_cache(cache, fmt, "paged_decode_attention")
     b, hq, d = q.shape
@@ -64,27 +81,36 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: to
             out.copy_(res)
             return out
         return res
-    qg = hq // h
-    dp = max(_pow2(d), _MIN_DOT)
-    bn = max(_pow2(block_n), _MIN_DOT)
-    o_part = torch.empty(b, hq, num_splits + 1, dp, dtype=torch.float32, device=q.device)
-    lse = torch.empty(b, hq, num_splits + 1, dtype=torch.float32, device=q.device)
-    meta = cache.view(torch.float16)
-    dummy = block_table
     if fp_k.stride(-1) != 1 or fp_v.stride() != fp_k.stride() or q.stride(-1) != 1:
         raise ValueError("paged_decode_attention: q / fp_k / fp_v need a contiguous last dim and equal fp strides")
-    paged_decode_kernel[(b, h, num_splits + 1)](
+    bn = max(_pow2(block_n), _MIN_DOT)
+    ns = num_splits if num_splits is not None else auto_num_splits(b, h, q.device)
+    if ns < 1:
+        raise ValueError(f"paged_decode_attention: num_splits={ns} must be >= 1")
+    if out is None:
+        out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError(f"paged_decode_attention: out {list(out.shape)} stride {out.stride()} must be "
+                         f"{list(q.shape)} with a contiguous last dim")
+    if b == 0:
+        return out
+    qg = hq // h
+    o_part = torch.empty(b, hq, ns + 1, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, ns + 1, dtype=torch.float32, device=q.device)
+    meta = cache.view(torch.float16)
+    dummy = block_table
+    paged_decode_kernel[(b, h, ns + 1)](
         q, cache, meta, block_table, pk_lo, pk_hi, fp_k, fp_v, fp_len,
         k_perm if k_perm is not None else dummy, v_perm if v_perm is not None else dummy,
-        o_part, lse, float(scale),
+        o_part, lse, float(scale), ns,
         q.stride(0), q.stride(1), block_table.stride(0), cache.stride(0), cache.stride(1), cache.stride(2),
         cache.shape[1], fp_k.stride(0), fp_k.stride(1), fp_k.stride(2),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
         HAS_KPERM=k_perm is not None, HAS_VPERM=v_perm is not None, QG=qg, QGP=max(_pow2(qg), _MIN_DOT),
-        D=d, DP=dp, NS=num_splits, BN=bn, DOT_IEEE=q.dtype == torch.float32,
-        K_OFF=fmt.k_off, V_OFF=fmt.v_off, KM_OFF=fmt.k_meta_off, VM_OFF=fmt.v_meta_off, **_kernel_constexprs(fmt))
-    res = merge_partials(o_part[..., :d], lse)
-    if out is None:
-        return res.to(q.dtype)
-    out.copy_(res)
+        D=d, DP=max(_pow2(d), _MIN_DOT), BN=bn, FBN=_MIN_DOT, DOT_IEEE=q.dtype == torch.float32,
+        K_OFF=fmt.k_off, V_OFF=fmt.v_off, KM_OFF=fmt.k_meta_off, VM_OFF=fmt.v_meta_off, **_kernel_constexprs(fmt),
+        num_warps=num_warps)
+    merge_kernel[(b, hq)](o_part, lse, out, ns + 1, o_part.stride(0), o_part.stride(1), o_part.stride(2),
+                          lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+                          D=d, DP=_pow2(d), SP=_pow2(ns + 1), num_warps=1 if d <= 128 else 2)
     return out
