@@ -71,7 +71,7 @@ def moe_launch_keys(w, top_k: int, t: int, dtype: torch.dtype = torch.bfloat16, 
         rows = max_padded_rows(tk, e, bm)
         keys.add(("moe_align", has_map, str(ids_dtype), max(16, _p2(tk)), bm, _spec(tk), _spec(rows),
                   _spec(rows // bm)))
-    big = tk / max(e, 1) >= PREFILL_DEQUANT_ROWS
+    big = tk / max(e, 1) >= PREFILL_DEQUANT_ROWS and not cfg["w13"].get("INLOOP")  # tuned: in-loop dequant wins
     for name, mode, a_div in (("w13", 1, top_k), ("w2", 2, 1)):
         pw = getattr(w, name)
         kinds = pw.kinds_mask

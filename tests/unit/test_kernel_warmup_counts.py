@@ -82,8 +82,10 @@ def _check_cover(per_t: dict[int, frozenset], chosen: list[int], label: str) -> 
     warmed = frozenset().union(*(per_t[t] for t in chosen))
     missing = everything - warmed
     counts = collections.Counter(k[0] for k in everything)
+    seen: set = set()
+    needed = [t for t in sorted(per_t) if not per_t[t] <= seen and not seen.update(per_t[t])]
     print(f"\n{label}: sweep T=1..{max(per_t)} compiles {len(everything)} binaries {dict(counts)}; "
-          f"warm-up runs T={chosen}")
+          f"warm-up runs T={chosen}" + ("" if chosen == needed else f" (exact key model would run T={needed})"))
     first = {k: min(t for t, ks in per_t.items() if k in ks) for k in missing}
     assert not missing, f"{label}: {len(missing)} binaries not compiled by warm-up:\n" + "\n".join(
         f"  first at T={first[k]}: {_describe(k)}" for k in sorted(missing, key=first.get))
@@ -103,13 +105,15 @@ def test_default_configs_sweep_compiles_nothing_beyond_warmup(keys_at):
         _check_cover(per_t, [1], "T=1 only")
 
 def test_tuned_fma_splitk_table_and_top1_with_expert_map(keys_at, tmp_path, monkeypatch):
-    def cfg(bm, bn, bk, fma=0, sk=1):
+    def cfg(bm, bn, bk, fma=0, sk=1, **kw):
         return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 3, "FMA": fma,
-                "SPLIT_K": sk}
+                "SPLIT_K": sk, **kw}
     table = {"1": {"w13": cfg(1, 32, 16, 1, 2), "w2": cfg(1, 32, 16, 1)},
              "8": {"w13": cfg(4, 32, 16, 1, 4), "w2": cfg(4, 32, 16, 1, 2)},
-             "40": {"w13": cfg(16, 32, 32, sk=2), "w2": cfg(16, 64, 16)},
-             "160": {"w13": cfg(64, 128, 32), "w2": cfg(64, 128, 32)}}
+             "40": {"w13": cfg(16, 32, 32, sk=2, KT=1), "w2": cfg(16, 64, 16)},
+             "160": {"w13": cfg(64, 128, 32), "w2": cfg(64, 128, 32)},
+             "200": {"w13": cfg(64, 128, 32, INLOOP=1, KT=1), "w2": cfg(64, 128, 32, INLOOP=1)},  # no prefill dequant
+             "240": {"w13": cfg(64, 128, 32), "w2": cfg(64, 64, 32)}}
     path = tmp_path / configs.config_filename({"E": E, "H": H, "I": I}, configs.device_name())
     path.write_text(json.dumps(table))
     monkeypatch.setattr(configs, "CONFIG_DIR", str(tmp_path))
