@@ -1,8 +1,17 @@
-"""Benchmark (not a test): packed-KV decode attention vs a bf16 paged baseline (torch SDPA over gathered pages),
-plus KV capacity per configuration. ``python -m mxserve_kernels.bench.bench_kv --json out.json``.
+"""Benchmark (not a test): packed-KV paged decode attention vs vLLM's own bf16 paged decode, plus KV capacity.
 
-Reports per (geometry, context, config): decode kernel time (triton.testing.do_bench median), bytes read per
-step, GB/s, and capacity multiplier vs bf16 / fp8 at equal memory.
+``python -m mxserve_kernels.bench.bench_kv --json out.json [--quick]``
+
+Per (geometry, context, config) row, all measured in the same process:
+* our kernel over a sweep of (num_splits, block_n, num_warps) -> best and default (``num_splits=None``) times;
+  every swept output is checked against the default one (``max_abs_diff_vs_default``);
+* the peer: vLLM's ``flash_attn_varlen_func`` (FA3 on Hopper) over a paged bf16 cache with separate K and V
+  (``peer = vllm_fa<N>``); if vLLM's flash-attn cannot be imported / run, torch SDPA over separate contiguous
+  [B, H, ctx, D] K and V (``peer = torch_sdpa``);
+* device copy bandwidth (``copy_GBps``: 2 x bytes of a 1 GiB ``copy_`` / time).
+GB/s = bytes the kernel must read (packed slots; bf16 K+V for the peer) / time; ``pct_of_copy`` = GB/s / copy
+GB/s; ``speedup_vs_peer`` = peer ms / our best ms (> 1: our decode attention step is faster than bf16's).
+Timing: ``triton.testing.do_bench`` median (it flushes L2 between runs). JSON rewritten atomically after each row.
 """
 from __future__ import annotations
 
@@ -18,52 +27,130 @@ from mxserve_kernels.attention.kv_format import KVSlotFormat
 
 GEOMS = {"qwen3-30b-a3b": (4, 32, 128), "llama3-8b": (8, 32, 128)}  # H_kv, H_q, D
 CONFIGS = {"K2V1.5": (2, 1.5, 64, 128), "K4V2": (4, 2, 128, 128), "K4V4": (4, 4, 128, 128)}
+SWEEP = {"num_splits": (None, 2, 4, 8, 16, 32), "block_n": (32, 64, 128), "num_warps": (4, 8)}
+QUICK = {"num_splits": (None, 8, 16), "block_n": (64,), "num_warps": (4,)}
 
 
-def bench_one(geom: str, ctx: int, label: str, batch: int, page: int = 16) -> dict:
+def _ms(fn, rep: int = 25) -> float:
     import triton
+    return float(triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median"))
+
+
+def copy_gbps() -> float:
+    """Device-to-device copy bandwidth (read + write bytes / s) of a 1 GiB buffer, in GB/s."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = _ms(lambda: b.copy_(a))
+    del a, b
+    return 2 * n / ms / 1e6
+
+
+def _peer(q: torch.Tensor, table: torch.Tensor, h: int, ctx: int, page: int, scale: float):
+    """(name, fn) of the bf16 paged decode peer: vLLM flash-attn if it runs here, else torch SDPA (separate K, V)."""
+    b, hq, d = q.shape
+    npg = table.shape[1]
+    kc = torch.randn(b * npg, page, h, d, device=q.device, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    try:
+        from vllm.vllm_flash_attn.flash_attn_interface import flash_attn_varlen_func, is_fa_version_supported
+        ver = 3 if torch.cuda.get_device_capability()[0] == 9 and is_fa_version_supported(3) else 2
+        cu_q = torch.arange(b + 1, dtype=torch.int32, device=q.device)
+        used = torch.full((b,), ctx, dtype=torch.int32, device=q.device)
+        out = torch.empty_like(q)
+
+        def fa():
+            return flash_attn_varlen_func(q=q, k=kc, v=vc, out=out, max_seqlen_q=1, cu_seqlens_q=cu_q,
+                                          max_seqlen_k=ctx, seqused_k=used, softmax_scale=scale, causal=True,
+                                          block_table=table, fa_version=ver)
+        fa()
+        torch.cuda.synchronize()
+        return f"vllm_fa{ver}", fa, None
+    except Exception as e:  # noqa: BLE001 - any import/runtime failure selects the fallback peer
+        err = f"{type(e).__name__}: {e}"[:300]
+    del kc, vc
+    kf = torch.randn(b, h, ctx, d, device=q.device, dtype=torch.bfloat16)
+    vf = torch.randn_like(kf)
+    qb = q.unsqueeze(2)
+    return "torch_sdpa", lambda: torch.nn.functional.scaled_dot_product_attention(
+        qb, kf, vf, scale=scale, enable_gqa=True), err
+
+
+def bench_one(geom: str, ctx: int, label: str, batch: int, copy: float, sweep: dict, page: int = 16) -> dict:
     h, hq, d = GEOMS[geom]
     kb, vb, kg, vg = CONFIGS[label]
     fmt = KVSlotFormat(d, k_bits=kb, v_bits=vb, k_group=kg, v_group=vg)
     dev = "cuda"
     npg = (ctx + page - 1) // page
-    table = torch.arange(batch * npg, device=dev, dtype=torch.int32).reshape(batch, npg)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    table = torch.randperm(batch * npg, device=dev, generator=gen).to(torch.int32).reshape(batch, npg)
     cache = torch.empty(batch * npg, page, h, fmt.slot_bytes, dtype=torch.uint8, device=dev)
-    k = torch.randn(batch * npg * page, h, d, device=dev, dtype=torch.bfloat16)
-    kv_store.store_kv(cache, k, k, torch.arange(batch * npg * page, device=dev), fmt)
+    for i in range(0, batch * npg * page, 1 << 20):  # fill in chunks (bounded temporary memory)
+        n = min(1 << 20, batch * npg * page - i)
+        k = torch.randn(n, h, d, device=dev, dtype=torch.bfloat16)
+        kv_store.store_kv(cache, k, torch.randn_like(k), torch.arange(i, i + n, device=dev), fmt)
     q = torch.randn(batch, hq, d, device=dev, dtype=torch.bfloat16)
     fk = torch.randn(batch, 1, h, d, device=dev, dtype=torch.bfloat16)
     lo = torch.zeros(batch, dtype=torch.int32, device=dev)
     hi = torch.full((batch,), ctx - 1, dtype=torch.int32, device=dev)
     nf = torch.ones(batch, dtype=torch.int32, device=dev)
-    fn = lambda: decode.paged_decode_attention(q, cache, table, lo, hi, fk, fk, nf, fmt, d ** -0.5,  # noqa: E731
-                                               num_splits=16)
-    ms = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-    kbf = torch.randn(batch, h, ctx, d, device=dev, dtype=torch.bfloat16)
-    qb = q.unsqueeze(2)
-    base = lambda: torch.nn.functional.scaled_dot_product_attention(qb, kbf, kbf, enable_gqa=True)  # noqa: E731
-    ms_bf16 = triton.testing.do_bench(base, warmup=10, rep=50, return_mode="median")
-    nbytes = batch * ctx * h * fmt.slot_bytes
-    return {"geom": geom, "ctx": ctx, "batch": batch, "config": label, "slot_bytes": fmt.slot_bytes,
-            "bits_per_elem": round(fmt.bits_per_element(), 4), "capacity_vs_bf16": round(fmt.compression_vs(2), 3),
-            "capacity_vs_fp8": round(fmt.compression_vs(1), 3), "decode_ms": round(ms, 4),
-            "bf16_sdpa_ms": round(ms_bf16, 4), "GBps": round(nbytes / ms / 1e6, 1)}
+    out = torch.empty_like(q)
+    scale = d ** -0.5
+
+    def ours(**kw):
+        return lambda: decode.paged_decode_attention(q, cache, table, lo, hi, fk, fk, nf, fmt, scale, out=out, **kw)
+
+    ours()()
+    ref = out.float().clone()
+    trials, diff = [], 0.0
+    for ns in sweep["num_splits"]:
+        for bn in sweep["block_n"]:
+            for nw in sweep["num_warps"]:
+                fn = ours(num_splits=ns, block_n=bn, num_warps=nw)
+                fn()
+                diff = max(diff, float((out.float() - ref).abs().max()))
+                trials.append({"num_splits": ns, "block_n": bn, "num_warps": nw, "ms": round(_ms(fn), 4)})
+    best = min(trials, key=lambda t: t["ms"])
+    ms_default = _ms(ours())
+    peer_name, peer_fn, peer_err = _peer(q, table, h, ctx, page, scale)
+    ms_peer = _ms(peer_fn)
+    nbytes = batch * (ctx - 1) * h * fmt.slot_bytes
+    peer_bytes = batch * ctx * h * d * 2 * 2
+    gbps = nbytes / best["ms"] / 1e6
+    row = {"geom": geom, "ctx": ctx, "batch": batch, "config": label, "slot_bytes": fmt.slot_bytes,
+           "bits_per_elem": round(fmt.bits_per_element(), 4), "capacity_vs_bf16": round(fmt.compression_vs(2), 3),
+           "capacity_vs_fp8": round(fmt.compression_vs(1), 3),
+           "auto_num_splits": decode.auto_num_splits(batch, h, q.device),
+           "decode_ms": best["ms"], "best": {k: best[k] for k in ("num_splits", "block_n", "num_warps")},
+           "default_ms": round(ms_default, 4), "GBps": round(gbps, 1), "copy_GBps": round(copy, 1),
+           "pct_of_copy": round(100 * gbps / copy, 1), "peer": peer_name, "peer_ms": round(ms_peer, 4),
+           "peer_GBps": round(peer_bytes / ms_peer / 1e6, 1), "speedup_vs_peer": round(ms_peer / best["ms"], 3),
+           "max_abs_diff_vs_default": diff, "sweep": trials}
+    if peer_err:
+        row["peer_fallback_reason"] = peer_err
+    return row
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_kv.json"))
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=32, help="batch at 8k context (32k uses batch/4)")
+    ap.add_argument("--quick", action="store_true", help="small sweep (3 split counts, block 64, 4 warps)")
+    ap.add_argument("--geoms", default=",".join(GEOMS), help="comma list of " + ", ".join(GEOMS))
     args = ap.parse_args(argv)
-    rows = []
+    sweep = QUICK if args.quick else SWEEP
     t0 = time.time()
+    copy = copy_gbps()
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch_8k": args.batch,
-            "batch_32k": max(args.batch // 4, 1)}
-    for geom in GEOMS:
+            "batch_32k": max(args.batch // 4, 1), "copy_GBps": round(copy, 1),
+            "sms": torch.cuda.get_device_properties(0).multi_processor_count, "sweep": sweep}
+    rows = []
+    for geom in args.geoms.split(","):
         for ctx in (8192, 32768):
             for label in CONFIGS:
-                rows.append(bench_one(geom, ctx, label, args.batch if ctx <= 8192 else max(args.batch // 4, 1)))
-                print(rows[-1], flush=True)
+                rows.append(bench_one(geom, ctx, label, args.batch if ctx <= 8192 else max(args.batch // 4, 1),
+                                      copy, sweep))
+                print({k: v for k, v in rows[-1].items() if k != "sweep"}, flush=True)
                 _write(args.json, {"meta": {**meta, "seconds": round(time.time() - t0, 1)}, "rows": rows})
     return 0
 
