@@ -147,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--burst", type=int, default=16)
     ap.add_argument("--oversize-words", type=int, default=200_000)
     ap.add_argument("--max-rss-growth", type=float, default=0.10, help="allowed RSS growth fraction")
+    ap.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (s); bounds the final drain")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     out = asyncio.run(soak(a.base_url, a.duration, a.max_requests, a.concurrency, a.fault_every, a.burst,
-                           a.oversize_words))
+                           a.oversize_words, timeout_s=a.timeout))
     mem_ok = out["rss_growth_fraction"] is None or out["rss_growth_fraction"] <= a.max_rss_growth
     out["pass"] = out["lost_requests"] == 0 and out["faults_ok"] and out["healthy_after"] and mem_ok
     if a.json:
