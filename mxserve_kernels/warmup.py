@@ -43,10 +43,10 @@ def _gemm_keys(pw, cfg: dict, mode: int, rows: int, kinds: int, a_div: int) -> l
     from mxserve_kernels.moe.grouped_gemm import _cfg_list, _split_k
     splits = _split_k(pw.k, int(cfg.get("SPLIT_K", 1)))[1]
     n_out = pw.n // 2 if mode == 1 else pw.n
-    stride0 = n_out if splits == 1 else rows * (2 * n_out if mode == 1 else n_out)
-    keys = [("grouped_gemm", mode, kinds, a_div == 1, tuple(_cfg_list(cfg)), _spec(rows), _spec(stride0))]
+    # num_valid (= rows) and the partials' stride are do_not_specialize: no T-dependent part in the keys
+    keys = [("grouped_gemm", mode, kinds, a_div == 1, tuple(_cfg_list(cfg)))]
     if splits > 1 and rows * n_out:
-        keys.append(("splitk_reduce", mode, splits, _spec(rows * n_out), _spec(n_out), _spec(stride0)))
+        keys.append(("splitk_reduce", mode, splits, _spec(n_out)))
     return keys
 
 
@@ -62,15 +62,12 @@ def moe_launch_keys(w, top_k: int, t: int, dtype: torch.dtype = torch.bfloat16, 
     """
     from mxserve_kernels.moe import routing_kernels
     from mxserve_kernels.moe.fused_moe import PREFILL_DEQUANT_ROWS, moe_config
-    from mxserve_kernels.moe.routing import max_padded_rows
     e, tk = w.num_experts, t * top_k
     cfg = moe_config(w, t, top_k)
     bm = cfg["w13"]["BLOCK_M"]
     keys: set[tuple] = set()
     if tk <= routing_kernels.MAX_PAIRS:  # one-launch Triton routing (larger batches: torch ops, no Triton)
-        rows = max_padded_rows(tk, e, bm)
-        keys.add(("moe_align", has_map, str(ids_dtype), max(16, _p2(tk)), bm, _spec(tk), _spec(rows),
-                  _spec(rows // bm)))
+        keys.add(("moe_align", has_map, str(ids_dtype), max(16, _p2(tk)), bm))  # its T-dependent ints: not specialized
     big = tk / max(e, 1) >= PREFILL_DEQUANT_ROWS and not cfg["w13"].get("INLOOP")  # tuned: in-loop dequant wins
     for name, mode, a_div in (("w13", 1, top_k), ("w2", 2, 1)):
         pw = getattr(w, name)

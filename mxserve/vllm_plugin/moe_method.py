@@ -202,7 +202,8 @@ class MxMoEMethod(FusedMoEMethodBase):
         if self.plan_cfg is not None:
             weight_stats.record_lazy(self.prefix, lambda: self._precision_bytes(layer), self.plan_cfg)
         layer._mx_moe = ka.prepare_experts(gate_up=experts["w13"], down=experts["w2"], hidden=H, inter=Ip)
-        ka.warm_kernels(layer._mx_moe, top_k=self.moe.experts_per_token)
+        ka.warm_kernels(layer._mx_moe, top_k=self.moe.experts_per_token,
+                        expert_map=getattr(layer, "expert_map", None))  # EP: the map variant too
         for name in layer._mx_params:
             delattr(layer, name)
         del layer._mx_layout, layer._mx_loaded

@@ -278,7 +278,7 @@ def _bf16_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, wbf_ptr, woff, wco
     return acc, acc2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_valid", "stride_ks"])  # T-dependent ints: one binary for all T
 def grouped_gemm_kernel(x_ptr, out_ptr, qw_ptr, pw_ptr, meta_ptr, wbf_ptr, einfo_ptr,
                         sorted_ids_ptr, block_expert_ptr, num_post_ptr, topk_w_ptr,
                         N, K, wcols, n_up, stride_xm, stride_om, a_div, num_valid, k_split, stride_ks,
@@ -386,7 +386,7 @@ def grouped_gemm_kernel(x_ptr, out_ptr, qw_ptr, pw_ptr, meta_ptr, wbf_ptr, einfo
                      mask=omask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total", "stride_ks"])
 def splitk_reduce_kernel(part_ptr, out_ptr, total, n_out, stride_ks, SPLITS: tl.constexpr, MODE: tl.constexpr,
                          BLOCK: tl.constexpr):
     """out[r, c] = sum_z part[z, r, c] (MODE 1: silu(sum gate) * sum up, gate/up side by side in part's rows) for

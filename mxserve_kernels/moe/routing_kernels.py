@@ -13,7 +13,7 @@ import triton.language as tl
 MAX_PAIRS = 1024  # one program sorts up to this many (token, slot) pairs; larger batches use the torch path
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "max_rows", "nblocks"])  # T-dependent: one binary for all T
 def moe_align_kernel(ids_ptr, emap_ptr, sorted_ptr, bexp_ptr, npost_ptr, scratch_ptr,
                      num_pairs, num_experts, max_rows, nblocks,
                      HAS_MAP: tl.constexpr, PAIRS: tl.constexpr, E_P2: tl.constexpr, BLOCK_M: tl.constexpr,
