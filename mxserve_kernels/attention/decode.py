@@ -16,7 +16,7 @@ if HAS_TRITON:
 
 _MIN_DOT = 16  # tl.dot needs every dim >= 16
 DEFAULT_BLOCK_N = 64
-DEFAULT_NUM_WARPS = 4
+DEFAULT_NUM_WARPS = 8  # 4 warps: 225-255 regs/thread at block 64 (K4V2 spills), 8 warps: ~160
 _TARGET_PROGRAMS_PER_SM = 4
 
 
