@@ -184,9 +184,8 @@ def test_to_report_rejects_other_formats(tmp_path):
 
 def test_command_parses_with_guidellm_cli(monkeypatch):
     pytest.importorskip("guidellm", reason="guidellm not installed (pip install guidellm)")
-    from click.testing import CliRunner
-
     import guidellm.entrypoints as entry
+    from click.testing import CliRunner
     from guidellm.cli import cli
     seen = []
 
@@ -283,7 +282,7 @@ def test_real_guidellm_run_converts(tmp_path):
                                                 prompt_words=(16, 0), max_tokens=(6, 0)),
                                    url, 20.0, processor=str(tok), output_path=str(out_json), max_requests=8)
         r = subprocess.run([sys.executable, "-m", "guidellm"] + argv + ["--disable-console"], capture_output=True,
-                           text=True, timeout=110)
+                           text=True, timeout=110, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     raw = json.loads(out_json.read_text())
     out = to_report(out_json, load_slo())
