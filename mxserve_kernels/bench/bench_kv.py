@@ -42,7 +42,6 @@ def copy_gbps() -> float:
     a = torch.empty(n, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     ms = _ms(lambda: b.copy_(a))
-    del a, b
     return 2 * n / ms / 1e6
 
 
@@ -68,7 +67,6 @@ def _peer(q: torch.Tensor, table: torch.Tensor, h: int, ctx: int, page: int, sca
         return f"vllm_fa{ver}", fa, None
     except Exception as e:  # noqa: BLE001 - any import/runtime failure selects the fallback peer
         err = f"{type(e).__name__}: {e}"[:300]
-    del kc, vc
     kf = torch.randn(b, h, ctx, d, device=q.device, dtype=torch.bfloat16)
     vf = torch.randn_like(kf)
     qb = q.unsqueeze(2)

@@ -20,20 +20,21 @@ def test_store_and_decode(fmt_case, geom, dtype):
     _, h, hq, d = geom
     fmt = KVSlotFormat(d, k_bits=kb, v_bits=vb, k_group=kg, v_group=vg)
     dev, p = "cuda", 16
-    lens = [1, 17, 300, 1000]  # T=1, not a multiple of P, long
+    lens = [1, 17, 300, 1000, 0]  # T=1, not a multiple of P, long, empty packed range (fp token only)
     b = len(lens)
     maxp = max((n + p - 1) // p for n in lens)
     table = torch.randperm(b * maxp + 5, device=dev)[: b * maxp].reshape(b, maxp).to(torch.int32)
     cache_t = torch.zeros(b * maxp + 5, p, h, fmt.slot_bytes, dtype=torch.uint8, device=dev)
     cache_r = cache_t.clone()
     kp = torch.stack([torch.randperm(d) for _ in range(h)]).to(torch.int32).to(dev)
+    vp = torch.stack([torch.randperm(d) for _ in range(h)]).to(torch.int32).to(dev)
     for i, n in enumerate(lens):
         k = torch.randn(n, h, d, device=dev, dtype=torch.bfloat16)
         v = torch.randn(n, h, d, device=dev, dtype=torch.bfloat16)
         pos = torch.arange(n, device=dev)
         slots = table[i][pos // p].long() * p + pos % p
-        kv_store.store_kv(cache_t, k, v, slots, fmt, kp, None, 0.95, 1.0)
-        R.store_kv(cache_r, k, v, slots, fmt, kp, None, 0.95, 1.0)
+        kv_store.store_kv(cache_t, k, v, slots, fmt, kp, vp, 0.95, 1.0)
+        R.store_kv(cache_r, k, v, slots, fmt, kp, vp, 0.95, 1.0)
     assert torch.equal(cache_t, cache_r)
     q = torch.randn(b, hq, d, device=dev, dtype=dtype)
     fk = torch.randn(b, 1, h, d, device=dev, dtype=dtype)
@@ -41,9 +42,17 @@ def test_store_and_decode(fmt_case, geom, dtype):
     lo = torch.zeros(b, dtype=torch.int32, device=dev)
     hi = torch.tensor(lens, dtype=torch.int32, device=dev)
     nf = torch.ones(b, dtype=torch.int32, device=dev)
-    ref = R.paged_decode_attention(q.float(), cache_t, table, lo, hi, fk.float(), fv.float(), nf, fmt, d ** -0.5, kp)
-    out = decode.paged_decode_attention(q, cache_t, table, lo, hi, fk, fv, nf, fmt, d ** -0.5, kp, num_splits=16)
-    torch.testing.assert_close(out.float(), ref, **ATTENTION[dtype])
+    ref = R.paged_decode_attention(q.float(), cache_t, table, lo, hi, fk.float(), fv.float(), nf, fmt, d ** -0.5,
+                                   kp, vp)
+    # the tilings the bench sweeps: split counts (auto included), blocks that straddle pages, warps
+    for ns, bn, nw in [(16, 64, 8), (None, 64, 8), (1, 32, 4), (7, 128, 8), (32, 16, 4)]:
+        out = decode.paged_decode_attention(q, cache_t, table, lo, hi, fk, fv, nf, fmt, d ** -0.5, kp, vp,
+                                            num_splits=ns, block_n=bn, num_warps=nw)
+        torch.testing.assert_close(out.float(), ref, **ATTENTION[dtype], msg=f"splits={ns} block={bn} warps={nw}")
     one = decode.paged_decode_attention(q[2:3], cache_t, table[2:3], lo[2:3], hi[2:3], fk[2:3], fv[2:3], nf[2:3],
-                                        fmt, d ** -0.5, kp, num_splits=16)
+                                        fmt, d ** -0.5, kp, vp, num_splits=16)
     torch.testing.assert_close(out[2:3], one, **ATTENTION[dtype])
+    buf = torch.empty(b, hq, d, device=dev, dtype=torch.float32)  # caller's buffer, other dtype than q
+    res = decode.paged_decode_attention(q, cache_t, table, lo, hi, fk, fv, nf, fmt, d ** -0.5, kp, vp, out=buf)
+    assert res is buf
+    torch.testing.assert_close(buf, ref, **ATTENTION[dtype])
