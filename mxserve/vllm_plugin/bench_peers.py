@@ -1,4 +1,4 @@
-"""vLLM 0.26 MoE kernels as peers for ``mxserve_kernels.bench.bench_moe`` (same-run ratios).
+"""vLLM 0.26 kernels as peers for ``mxserve_kernels.bench.bench_moe`` / ``bench_kv`` (same-run ratios).
 
 bf16 ``fused_experts``, fp8 W8A8 ``fused_experts``, ``moe_wna16`` (Triton W4) and Marlin MoE W4
 (``fused_marlin_moe`` on GPTQ-format random weights). Lives here because only ``mxserve.vllm_plugin`` imports vLLM;
@@ -55,3 +55,29 @@ def _marlin_peer(e: int, h: int, i: int, gs: int):
         return lambda: fused_marlin_moe(x, qw1, qw2, None, None, s1, s2, tw, ids, quant_type_id=qt.id,
                                         global_num_experts=e)
     return make, 3 * h * i // 2 + 3 * h * i // gs * 2
+
+
+def kv_decode_peer(q: torch.Tensor, table: torch.Tensor, h: int, ctx: int, page: int, scale: float):
+    """vLLM's bf16 paged decode (``flash_attn_varlen_func``, FA3 on Hopper) over the same block table as our packed
+    cache, separate K and V pages: ``(name, fn)``; raises if it cannot run here (the bench then falls back).
+
+    Args:
+        q: [B, Hq, D] bf16 queries. table: [B, pages] int32 block table. h: kv heads. ctx: tokens per request.
+        page: tokens per page. scale: softmax scale.
+    """
+    from vllm.vllm_flash_attn.flash_attn_interface import flash_attn_varlen_func, is_fa_version_supported
+    b, _, d = q.shape
+    kc = torch.randn(b * table.shape[1], page, h, d, device=q.device, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    ver = 3 if torch.cuda.get_device_capability()[0] == 9 and is_fa_version_supported(3) else 2
+    cu_q = torch.arange(b + 1, dtype=torch.int32, device=q.device)
+    used = torch.full((b,), ctx, dtype=torch.int32, device=q.device)
+    out = torch.empty_like(q)
+
+    def fa():
+        return flash_attn_varlen_func(q=q, k=kc, v=vc, out=out, max_seqlen_q=1, cu_seqlens_q=cu_q, max_seqlen_k=ctx,
+                                      seqused_k=used, softmax_scale=scale, causal=True, block_table=table,
+                                      fa_version=ver)
+    fa()
+    torch.cuda.synchronize()
+    return f"vllm_fa{ver}", fa

@@ -5,8 +5,9 @@
 Per (geometry, context, config) row, all measured in the same process:
 * our kernel over a sweep of (num_splits, block_n, num_warps) -> best and default (``num_splits=None``) times;
   every swept output is checked against the default one (``max_abs_diff_vs_default``);
-* the peer: vLLM's ``flash_attn_varlen_func`` (FA3 on Hopper) over a paged bf16 cache with separate K and V
-  (``peer = vllm_fa<N>``); if vLLM's flash-attn cannot be imported / run, torch SDPA over separate contiguous
+* the peer (``--peer MODULE:FUNC``, default ``mxserve.vllm_plugin.bench_peers:kv_decode_peer``: only the plugin
+  imports vLLM): vLLM's ``flash_attn_varlen_func`` (FA3 on Hopper) over a paged bf16 cache with separate K and V
+  (``peer = vllm_fa<N>``); if it cannot be imported / run, torch SDPA over separate contiguous
   [B, H, ctx, D] K and V (``peer = torch_sdpa``);
 * device copy bandwidth (``copy_GBps``: 2 x bytes of a 1 GiB ``copy_`` / time).
 GB/s = bytes the kernel must read (packed slots; bf16 K+V for the peer) / time; ``pct_of_copy`` = GB/s / copy
@@ -16,6 +17,7 @@ Timing: ``triton.testing.do_bench`` median (it flushes L2 between runs). JSON re
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import time
@@ -45,28 +47,19 @@ def copy_gbps() -> float:
     return 2 * n / ms / 1e6
 
 
-def _peer(q: torch.Tensor, table: torch.Tensor, h: int, ctx: int, page: int, scale: float):
-    """(name, fn) of the bf16 paged decode peer: vLLM flash-attn if it runs here, else torch SDPA (separate K, V)."""
+def _peer(q: torch.Tensor, table: torch.Tensor, h: int, ctx: int, page: int, scale: float, provider: str | None):
+    """(name, fn, why-not) of the bf16 paged decode peer: the ``--peer MODULE:FUNC`` provider (default vLLM's
+    flash-attn, in ``mxserve.vllm_plugin.bench_peers``: this package never imports vLLM) if it runs here, else torch
+    SDPA over separate contiguous K and V."""
     b, hq, d = q.shape
-    npg = table.shape[1]
-    kc = torch.randn(b * npg, page, h, d, device=q.device, dtype=torch.bfloat16)
-    vc = torch.randn_like(kc)
-    try:
-        from vllm.vllm_flash_attn.flash_attn_interface import flash_attn_varlen_func, is_fa_version_supported
-        ver = 3 if torch.cuda.get_device_capability()[0] == 9 and is_fa_version_supported(3) else 2
-        cu_q = torch.arange(b + 1, dtype=torch.int32, device=q.device)
-        used = torch.full((b,), ctx, dtype=torch.int32, device=q.device)
-        out = torch.empty_like(q)
-
-        def fa():
-            return flash_attn_varlen_func(q=q, k=kc, v=vc, out=out, max_seqlen_q=1, cu_seqlens_q=cu_q,
-                                          max_seqlen_k=ctx, seqused_k=used, softmax_scale=scale, causal=True,
-                                          block_table=table, fa_version=ver)
-        fa()
-        torch.cuda.synchronize()
-        return f"vllm_fa{ver}", fa, None
-    except Exception as e:  # noqa: BLE001 - any import/runtime failure selects the fallback peer
-        err = f"{type(e).__name__}: {e}"[:300]
+    err = "no peer provider"
+    if provider:
+        try:
+            mod, func = provider.split(":")
+            name, fn = getattr(importlib.import_module(mod), func)(q, table, h, ctx, page, scale)
+            return name, fn, None
+        except Exception as e:  # noqa: BLE001 - any import/runtime failure selects the fallback peer
+            err = f"{type(e).__name__}: {e}"[:300]
     kf = torch.randn(b, h, ctx, d, device=q.device, dtype=torch.bfloat16)
     vf = torch.randn_like(kf)
     qb = q.unsqueeze(2)
@@ -74,7 +67,8 @@ def _peer(q: torch.Tensor, table: torch.Tensor, h: int, ctx: int, page: int, sca
         qb, kf, vf, scale=scale, enable_gqa=True), err
 
 
-def bench_one(geom: str, ctx: int, label: str, batch: int, copy: float, sweep: dict, page: int = 16) -> dict:
+def bench_one(geom: str, ctx: int, label: str, batch: int, copy: float, sweep: dict, page: int = 16,
+              peer: str | None = None) -> dict:
     h, hq, d = GEOMS[geom]
     kb, vb, kg, vg = CONFIGS[label]
     fmt = KVSlotFormat(d, k_bits=kb, v_bits=vb, k_group=kg, v_group=vg)
@@ -110,7 +104,7 @@ def bench_one(geom: str, ctx: int, label: str, batch: int, copy: float, sweep: d
                 trials.append({"num_splits": ns, "block_n": bn, "num_warps": nw, "ms": round(_ms(fn), 4)})
     best = min(trials, key=lambda t: t["ms"])
     ms_default = _ms(ours())
-    peer_name, peer_fn, peer_err = _peer(q, table, h, ctx, page, scale)
+    peer_name, peer_fn, peer_err = _peer(q, table, h, ctx, page, scale, peer)
     ms_peer = _ms(peer_fn)
     nbytes = batch * (ctx - 1) * h * fmt.slot_bytes
     peer_bytes = batch * ctx * h * d * 2 * 2
@@ -134,6 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_kv.json"))
     ap.add_argument("--batch", type=int, default=32, help="batch at 8k context (32k uses batch/4)")
     ap.add_argument("--quick", action="store_true", help="small sweep (3 split counts, block 64, 4 warps)")
+    ap.add_argument("--peer", default="mxserve.vllm_plugin.bench_peers:kv_decode_peer",
+                    help="MODULE:FUNC building the bf16 paged decode peer ('' = torch SDPA)")
     ap.add_argument("--geoms", default=",".join(GEOMS), help="comma list of " + ", ".join(GEOMS))
     args = ap.parse_args(argv)
     sweep = QUICK if args.quick else SWEEP
@@ -147,7 +143,7 @@ def main(argv=None) -> int:
         for ctx in (8192, 32768):
             for label in CONFIGS:
                 rows.append(bench_one(geom, ctx, label, args.batch if ctx <= 8192 else max(args.batch // 4, 1),
-                                      copy, sweep))
+                                      copy, sweep, peer=args.peer or None))
                 print({k: v for k, v in rows[-1].items() if k != "sweep"}, flush=True)
                 _write(args.json, {"meta": {**meta, "seconds": round(time.time() - t0, 1)}, "rows": rows})
     return 0

@@ -27,7 +27,6 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from mxserve_kernels.attention import decode, kv_store, prefill
 from mxserve_kernels.attention.kv_format import KVSlotFormat
 
-DECODE_SPLITS = 16  # fixed split count: the decode grid must not depend on sequence lengths (CUDA graphs)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,7 +183,7 @@ class MxKVImpl(AttentionImpl[MxKVMetadata]):
             fv = v[:ndt].contiguous().unsqueeze(1)
             decode.paged_decode_attention(
                 q[:ndt], cache, attn_metadata.block_table[:nd], lo, seq - 1, fk, fv, torch.ones_like(seq),
-                self.fmt, self.scale, self.k_perm, self.v_perm, num_splits=DECODE_SPLITS, out=out[:ndt])
+                self.fmt, self.scale, self.k_perm, self.v_perm, num_splits=None, out=out[:ndt])  # auto splits: batch shape
         if ndt < n:
             qsl = attn_metadata.query_start_loc_cpu[nd:] - ndt
             seq_cpu = attn_metadata.seq_lens_cpu[nd:]
