@@ -181,9 +181,9 @@ class MxKVImpl(AttentionImpl[MxKVMetadata]):
             # wants one fp stride set, so copy the ndt current tokens (tiny, graph-safe).
             fk = k[:ndt].contiguous().unsqueeze(1)
             fv = v[:ndt].contiguous().unsqueeze(1)
-            decode.paged_decode_attention(
+            decode.paged_decode_attention(  # num_splits None: auto, from the batch shape only (graphs)
                 q[:ndt], cache, attn_metadata.block_table[:nd], lo, seq - 1, fk, fv, torch.ones_like(seq),
-                self.fmt, self.scale, self.k_perm, self.v_perm, num_splits=None, out=out[:ndt])  # auto splits: batch shape
+                self.fmt, self.scale, self.k_perm, self.v_perm, num_splits=None, out=out[:ndt])
         if ndt < n:
             qsl = attn_metadata.query_start_loc_cpu[nd:] - ndt
             seq_cpu = attn_metadata.seq_lens_cpu[nd:]
