@@ -15,9 +15,9 @@ if HAS_TRITON:
     from mxserve_kernels.attention.decode_kernels import merge_kernel, paged_decode_kernel
 
 _MIN_DOT = 16  # tl.dot needs every dim >= 16
-DEFAULT_BLOCK_N = 64
-DEFAULT_NUM_WARPS = 8  # 4 warps: 225-255 regs/thread at block 64 (K4V2 spills), 8 warps: ~160
-_TARGET_PROGRAMS_PER_SM = 4
+DEFAULT_BLOCK_N = 32  # H200 sweep (docs/results/2026-11-22_h200_session4.md): block 32 / 4 warps best in all 12 rows
+DEFAULT_NUM_WARPS = 4  # (at block 64, 4 warps spill for K4V2: 225-255 regs/thread; 8 warps were the old default)
+_TARGET_PROGRAMS_PER_SM = 8  # same sweep: ~8 programs per SM picks the best split count (or within 2 %)
 
 
 def _tensor_constexprs(bits: float, group: int, d: int, pre: str) -> dict:
@@ -40,7 +40,7 @@ def _kernel_constexprs(fmt: KVSlotFormat) -> dict:
 
 
 def auto_num_splits(batch: int, num_kv_heads: int, device: torch.device | None = None) -> int:
-    """Split count so that B * H_kv * splits fills the GPU ~4 programs deep (a pure function of the batch shape, so
+    """Split count so that B * H_kv * splits fills the GPU ~8 programs deep (a pure function of the batch shape, so
     CUDA-graph safe). Power of two in [1, 64]."""
     sms = 4  # CPU (TRITON_INTERPRET): keep the grid small
     if device is not None and device.type == "cuda":
