@@ -85,6 +85,20 @@ def _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_h
 
 
 @triton.jit
+def _load_tiles(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_hi, w0, col, col2, n_mask,
+                KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr, BLOCK_K: tl.constexpr, DUAL: tl.constexpr):
+    """``_load_tile`` at columns ``col`` and, for the fused gate_up (DUAL), at ``col2`` (the up half); without DUAL
+    the second 7-tuple repeats the first (unused)."""
+    words, s, z, p0, sp0, p1, sp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_hi,
+                                               w0, col, n_mask, KIND, BITS, NP, BLOCK_K)
+    words2, s2, z2, q0, tp0, q1, tp1 = words, s, z, p0, sp0, p1, sp1
+    if DUAL:
+        words2, s2, z2, q0, tp0, q1, tp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K,
+                                                      kw_hi, w0, col2, n_mask, KIND, BITS, NP, BLOCK_K)
+    return words, s, z, p0, sp0, p1, sp1, words2, s2, z2, q0, tp0, q1, tp1
+
+
+@triton.jit
 def _slot_step(acc, acc2, acc3, acc3b, a_ptrs, a_mask, words, s, z, p0, sp0, p1, sp1, words2, s2, z2, q0, tp0, q1,
                tp1, psh, J, KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr, DUAL: tl.constexpr,
                IS_FP32: tl.constexpr, FMA: tl.constexpr):
@@ -138,20 +152,13 @@ def _int_loop_kt(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, 
     col2 = col + n_up
     offs_w = tl.arange(0, BKW)
     offs_k = tl.arange(0, KR)
-    words, s, z, p0, sp0, p1, sp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_hi,
-                                               kw_lo, col, n_mask, KIND, BITS, NP, BKW)
-    words2, s2, z2, q0, tp0, q1, tp1 = words, s, z, p0, sp0, p1, sp1
-    if DUAL:
-        words2, s2, z2, q0, tp0, q1, tp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K,
-                                                      kw_hi, kw_lo, col2, n_mask, KIND, BITS, NP, BKW)
+    (words, s, z, p0, sp0, p1, sp1, words2, s2, z2, q0, tp0, q1,
+     tp1) = _load_tiles(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_hi, kw_lo, col, col2, n_mask,
+                        KIND, BITS, NP, BKW, DUAL)
     for w0 in range(kw_lo, kw_hi, BKW):
-        nwords, ns, nz, np0, nsp0, np1, nsp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K,
-                                                          kw_hi, w0 + BKW, col, n_mask, KIND, BITS, NP, BKW)
-        nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1 = nwords, ns, nz, np0, nsp0, np1, nsp1
-        if DUAL:
-            nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g,
-                                                                 wcols, K, kw_hi, w0 + BKW, col2, n_mask, KIND,
-                                                                 BITS, NP, BKW)
+        (nwords, ns, nz, np0, nsp0, np1, nsp1, nwords2, ns2, nz2, nq0, ntp0, nq1,
+         ntp1) = _load_tiles(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_hi, w0 + BKW, col, col2,
+                             n_mask, KIND, BITS, NP, BKW, DUAL)
         psh = ((w0 + offs_w) * PER % 32)[:, None]
         kr = w0 * PER + offs_k
         a = tl.load(x_ptr + x_rows[:, None] * stride_xm + kr[None, :], mask=row_mask[:, None] & (kr < k_hi)[None, :],
@@ -189,20 +196,13 @@ def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, met
     if FMA:
         acc3 = tl.zeros((acc.shape[0], BKW, acc.shape[1]), dtype=tl.float32)
         acc3b = tl.zeros((acc.shape[0], BKW, acc.shape[1]), dtype=tl.float32)
-    words, s, z, p0, sp0, p1, sp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_hi,
-                                               kw_lo, col, n_mask, KIND, BITS, NP, BKW)
-    words2, s2, z2, q0, tp0, q1, tp1 = words, s, z, p0, sp0, p1, sp1
-    if DUAL:
-        words2, s2, z2, q0, tp0, q1, tp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K,
-                                                      kw_hi, kw_lo, col2, n_mask, KIND, BITS, NP, BKW)
+    (words, s, z, p0, sp0, p1, sp1, words2, s2, z2, q0, tp0, q1,
+     tp1) = _load_tiles(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_hi, kw_lo, col, col2, n_mask,
+                        KIND, BITS, NP, BKW, DUAL)
     for w0 in range(kw_lo, kw_hi, BKW):
-        nwords, ns, nz, np0, nsp0, np1, nsp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K,
-                                                          kw_hi, w0 + BKW, col, n_mask, KIND, BITS, NP, BKW)
-        nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1 = nwords, ns, nz, np0, nsp0, np1, nsp1
-        if DUAL:
-            nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g,
-                                                                 wcols, K, kw_hi, w0 + BKW, col2, n_mask, KIND,
-                                                                 BITS, NP, BKW)
+        (nwords, ns, nz, np0, nsp0, np1, nsp1, nwords2, ns2, nz2, nq0, ntp0, nq1,
+         ntp1) = _load_tiles(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_hi, w0 + BKW, col, col2,
+                             n_mask, KIND, BITS, NP, BKW, DUAL)
         wr = w0 + offs_w
         kr = wr * PER  # K row of code slot 0 of each word
         psh = (kr % 32)[:, None]  # bit of row kr in its 1-bit plane word (PER divides 32)
