@@ -28,7 +28,15 @@ QUICK_TOKENS = (1, 16, 64, 256, 1024, 8192)
 
 
 def candidates(rows_per_expert: float, quick: bool):
-    """Launch configs to try for a regime (BLOCK_K = K extent of one tl.dot: code words per step for integers)."""
+    """Launch configs to try for a regime (BLOCK_K = K extent of one tl.dot: code words per step for integers); at
+    decode and mid sizes every per-slot config also with ASM (packed-bf16 PTX dequant of 4-bit experts)."""
+    for cfg in _base_candidates(rows_per_expert, quick):
+        yield cfg
+        if rows_per_expert <= 64 and not cfg.get("KT"):
+            yield {**cfg, "ASM": 1}
+
+
+def _base_candidates(rows_per_expert: float, quick: bool):
     if rows_per_expert <= 4:  # decode: bytes in flight per program matter (BLOCK_K words, BLOCK_N)
         space = dict(bm=[16], bn=[16, 32] if quick else [16, 32, 64], bk=[16, 32, 64], nw=[4],
                      ns=[3] if quick else [2, 3, 4])
@@ -109,6 +117,10 @@ def tune_shape(model: str, tokens: list[int], quick: bool) -> dict:
                 except Exception as exc:  # out of shared memory etc.
                     print(f"  skip {cfg}: {type(exc).__name__}", file=sys.stderr)
         best = _best_pair(results, f"{model} T={t}")
+        for proj in ("w13", "w2"):  # the generic and the ASM loop side by side (same run)
+            gen = min((r[0] for r in results[proj] if not r[1].get("ASM")), default=float("nan"))
+            asm = min((r[0] for r in results[proj] if r[1].get("ASM")), default=float("nan"))
+            print(f"{model} T={t} {proj}: best generic {gen:.1f}us, best ASM {asm:.1f}us", flush=True)
         if pre:  # prefill: the dequant path (its two dequant launches included) vs in-loop KT on the packed weights
             deq_us = _bench(lambda: (dequant_bf16(w.w13), dequant_bf16(w.w2)), graph=True, rep=rep)
             inloop = {"w13": [], "w2": []}

@@ -148,6 +148,22 @@ def test_fused_moe_ktile_gpu(bm, bk, nw, split, t):
     assert rel_mean_err(want, got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
 
 
+@pytest.mark.parametrize("bm,fma,split,t", [(1, 1, 1, 3), (1, 1, 2, 3), (4, 1, 1, 6), (16, 0, 1, 3), (16, 0, 2, 40)])
+def test_fused_moe_asm_gpu(bm, fma, split, t):
+    """ASM configs (4-bit experts dequantized with packed-bf16 PTX) vs the reference, every kind (the others take
+    the generic loop in the same launch), Qwen3 shapes; and equal to the generic loop within bf16 rounding."""
+    e, h, i = len(MIX), 2048, 768
+    w = prepare_experts(*_experts(MIX, e, h, i, seed=13), hidden=h, inter=i)
+    tw, ids = make_routing(t, 4, e, "random", device="cuda")
+    x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
+    cfg = dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=3, FMA=fma, SPLIT_K=split)
+    got = fused_moe(x, w, tw, ids, config={"w13": {**cfg, "ASM": 1}, "w2": {**cfg, "ASM": 1}})
+    want = moe_ref.fused_moe(x.float(), w, tw, ids)
+    assert rel_mean_err(want, got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
+    generic = fused_moe(x, w, tw, ids, config={"w13": cfg, "w2": dict(cfg)})
+    assert rel_mean_err(generic.float(), got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
+
+
 @pytest.mark.parametrize("block_m", [1, 2, 4, 8])
 def test_fused_moe_fma_config_gpu(block_m):
     """The FMA K loop the tuner may pick for decode (BLOCK_M < 16) vs the reference, every kind, Qwen3 shapes."""
