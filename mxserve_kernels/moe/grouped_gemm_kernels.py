@@ -98,6 +98,22 @@ def _load_tiles(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_
     return words, s, z, p0, sp0, p1, sp1, words2, s2, z2, q0, tp0, q1, tp1
 
 
+def _dq4_asm() -> str:
+    """PTX body of ``_dq4_bf16x2``: operands $0..$7 = slots 0..7 (bf16), $8 = the word, $9 / $10 = scale / zero."""
+    lines = ["{", ".reg .b32 t, c, ss, zz, one, m128;", "mov.b32 ss, {$9, $9};", "mov.b32 zz, {$10, $10};",
+             "mov.b32 one, 0x3f803f80;", "mov.b32 m128, 0xc300c300;"]  # 1.0 and -128.0 bf16 pairs
+    for i in range(4):  # slots i (low half) and i + 4 (high half) from the word shifted by 4i
+        src = "$8" if i == 0 else "c"
+        if i:
+            lines.append(f"shr.u32 c, $8, {4 * i};")
+        lines += [f"lop3.b32 t, {src}, 0x000f000f, 0x43004300, 0xea;",  # (w & mask) | 128.0: 128 + code, exact
+                  "fma.rn.bf16x2 t, t, one, m128;", "fma.rn.bf16x2 t, t, ss, zz;", f"mov.b32 {{${i}, ${i + 4}}}, t;"]
+    return "\n".join(lines + ["}"])
+
+
+_DQ4_ASM = tl.constexpr(_dq4_asm())
+
+
 @triton.jit
 def _dq4_bf16x2(words, s, z):
     """The 8 code slots of 4-bit words as 8 bf16 tensors (slot j = K row ``kw*8 + j``) in packed-bf16 PTX: per word
@@ -105,34 +121,7 @@ def _dq4_bf16x2(words, s, z):
     1 and -128 (exact: the codes), ``fma.bf16x2`` by scale and zero) = ~12 instructions per 8 weights instead of ~6
     per weight. Scale and zero are rounded to bf16 (the weight itself is rounded to bf16 for the dot anyway)."""
     return tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 t, c, ss, zz, one, m128;
-        mov.b32 ss, {$9, $9};
-        mov.b32 zz, {$10, $10};
-        mov.b32 one, 0x3f803f80;
-        mov.b32 m128, 0xc300c300;
-        lop3.b32 t, $8, 0x000f000f, 0x43004300, 0xea;
-        fma.rn.bf16x2 t, t, one, m128;
-        fma.rn.bf16x2 t, t, ss, zz;
-        mov.b32 {$0, $4}, t;
-        shr.u32 c, $8, 4;
-        lop3.b32 t, c, 0x000f000f, 0x43004300, 0xea;
-        fma.rn.bf16x2 t, t, one, m128;
-        fma.rn.bf16x2 t, t, ss, zz;
-        mov.b32 {$1, $5}, t;
-        shr.u32 c, $8, 8;
-        lop3.b32 t, c, 0x000f000f, 0x43004300, 0xea;
-        fma.rn.bf16x2 t, t, one, m128;
-        fma.rn.bf16x2 t, t, ss, zz;
-        mov.b32 {$2, $6}, t;
-        shr.u32 c, $8, 12;
-        lop3.b32 t, c, 0x000f000f, 0x43004300, 0xea;
-        fma.rn.bf16x2 t, t, one, m128;
-        fma.rn.bf16x2 t, t, ss, zz;
-        mov.b32 {$3, $7}, t;
-        }
-        """,
+        asm=_DQ4_ASM,
         constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
         args=[words, s.to(tl.bfloat16), z.to(tl.bfloat16)],
         dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
