@@ -256,7 +256,7 @@ def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, met
         psh = (kr % 32)[:, None]  # bit of row kr in its 1-bit plane word (PER divides 32)
         a_ptrs = x_ptr + x_rows[:, None] * stride_xm + kr[None, :]
         a_mask = row_mask[:, None] & (wr < kw_hi)[None, :]
-        if ASM and KIND == 2 and BITS == 4 and x_ptr.dtype.element_ty == tl.bfloat16:  # packed-bf16 dequant (ASM)
+        if ASM and KIND == 2 and BITS == 4 and not IS_FP32 and x_ptr.dtype.element_ty == tl.bfloat16:  # ASM dequant
             ws = _dq4_bf16x2(words, s, z)
             ws2 = ws
             if DUAL:
