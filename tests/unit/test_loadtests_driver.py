@@ -3,8 +3,6 @@
 import asyncio
 import json
 import random
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -12,28 +10,21 @@ import pytest
 from loadtests import report, run, soak
 from loadtests.client import RequestResult
 from loadtests.scenario import Scenario, load_scenario, load_slo
+from tests.helpers.mock_openai import base_app, serve_in_thread
 
 TTFT, ITL, NTOK = 0.05, 0.01, 5
 
 
 def _mock_app():
-    from fastapi import FastAPI, Request
+    from fastapi import Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    app = FastAPI()
-
-    @app.get("/health")
-    async def health():
-        return {}
+    app = base_app()
 
     @app.get("/metrics")
     async def metrics():
         from fastapi.responses import PlainTextResponse
         return PlainTextResponse("process_resident_memory_bytes 1000000.0\n")
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": "mock", "object": "model"}]}
 
     @app.post("/v1/chat/completions")
     async def chat(req: Request):
@@ -59,20 +50,8 @@ def _mock_app():
 
 @pytest.fixture(scope="module")
 def mock_url():
-    import uvicorn
-
-    from tests.conftest import free_port
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(_mock_app(), host="127.0.0.1", port=port, log_level="error"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    th.join(timeout=10)
+    with serve_in_thread(_mock_app()) as url:
+        yield url
 
 
 def test_percentile_matches_numpy():

@@ -7,14 +7,11 @@ schemas, and (slow) a real GuideLLM run against a loopback mock server converts 
 aggregates.
 """
 import asyncio
-import contextlib
 import json
 import random
 import shlex
 import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -23,6 +20,7 @@ from loadtests import guidellm as gl
 from loadtests.guidellm_report import to_report
 from loadtests.report import check_slo
 from loadtests.scenario import HERE, load_scenario, load_slo
+from tests.helpers.mock_openai import base_app, serve_in_thread
 
 SCENARIOS = sorted(p.stem for p in (HERE / "scenarios").glob("*.yaml"))
 
@@ -217,17 +215,9 @@ TTFT, ITL = 0.03, 0.01  # the mock's sleeps before the first token and between t
 
 def _mock_app():
     """OpenAI chat mock for GuideLLM: honours max_completion_tokens, streams usage (continuous + final)."""
-    from fastapi import FastAPI, Request
+    from fastapi import Request
     from fastapi.responses import StreamingResponse
-    app = FastAPI()
-
-    @app.get("/health")
-    async def health():
-        return {}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": "mock", "object": "model"}]}
+    app = base_app()
 
     @app.post("/v1/chat/completions")
     async def chat(req: Request):
@@ -249,26 +239,6 @@ def _mock_app():
     return app
 
 
-@contextlib.contextmanager
-def mock_server():
-    import uvicorn
-
-    from tests.conftest import free_port
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(_mock_app(), host="127.0.0.1", port=port, log_level="error"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        th.join(timeout=10)
-
-
 @pytest.mark.slow
 def test_real_guidellm_run_converts(tmp_path):
     pytest.importorskip("guidellm", reason="guidellm not installed (pip install guidellm)")
@@ -277,7 +247,7 @@ def test_real_guidellm_run_converts(tmp_path):
     train_tokenizer(" ".join(["the expert router selects two experts per token"] * 400), 300, tok)
     sc = load_scenario("chat")
     out_json = tmp_path / "gl.json"
-    with mock_server() as url:
+    with serve_in_thread(_mock_app()) as url:
         argv, _ = gl.guidellm_args(sc.__class__(name="t", endpoint="chat", arrival="concurrent", concurrency=2,
                                                 prompt_words=(16, 0), max_tokens=(6, 0)),
                                    url, 20.0, processor=str(tok), output_path=str(out_json), max_requests=8)
