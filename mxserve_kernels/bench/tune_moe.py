@@ -86,6 +86,21 @@ def _best_pair(results: dict, what: str) -> dict:
     return min(pick.values(), key=lambda b: b["w13"][0] + b["w2"][0])
 
 
+def _measure(cfgs: list[dict], w13, w2, x, hmid, tw, ids, e: int, k: int, rep: int) -> dict:
+    """{"w13": [(us, cfg)], "w2": [...]}: each config timed on both projections (CUDA graph); configs that do not
+    launch (out of shared memory, registers) are skipped with a note on stderr."""
+    results = {"w13": [], "w2": []}
+    for cfg in cfgs:
+        route = moe_align(ids, e, cfg["BLOCK_M"])
+        for proj, fn in (("w13", lambda: grouped_gemm(x, w13, cfg, mode=MODE_GATE_UP, route=route, a_div=k)),
+                         ("w2", lambda: grouped_gemm(hmid, w2, cfg, mode=MODE_DOWN, route=route, topk_weights=tw))):
+            try:
+                results[proj].append((_bench(fn, graph=True, rep=rep), cfg))
+            except Exception as exc:  # out of shared memory etc.
+                print(f"  skip {cfg}: {type(exc).__name__}", file=sys.stderr)
+    return results
+
+
 def tune_shape(model: str, tokens: list[int], quick: bool) -> dict:
     """Best config per T for one model shape (W4 experts); writes the config JSON atomically."""
     rep = 30 if quick else 100
@@ -97,25 +112,12 @@ def tune_shape(model: str, tokens: list[int], quick: bool) -> dict:
         x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
         tw, ids = torch.topk(torch.rand(t, e, device="cuda"), k, dim=-1)
         tw = tw.float()
-        best = {}
         hmid = torch.randn(t * k, i, device="cuda").to(torch.bfloat16)
         # what fused_moe runs at this T: in-loop dequant, or (prefill) the bf16 weights of the dequant path
         pre = t * k / e >= PREFILL_DEQUANT_ROWS
         w13 = dequant_bf16(w.w13) if pre else w.w13
         w2 = dequant_bf16(w.w2) if pre else w.w2
-        results = {"w13": [], "w2": []}
-        for proj in ("w13", "w2"):
-            for cfg in candidates(t * k / e, quick):
-                route = moe_align(ids, e, cfg["BLOCK_M"])
-                if proj == "w13":
-                    fn = lambda: grouped_gemm(x, w13, cfg, mode=MODE_GATE_UP, route=route, a_div=k)  # noqa: E731
-                else:
-                    fn = lambda: grouped_gemm(hmid, w2, cfg, mode=MODE_DOWN, route=route,  # noqa: E731
-                                              topk_weights=tw)
-                try:
-                    results[proj].append((_bench(fn, graph=True, rep=rep), cfg))
-                except Exception as exc:  # out of shared memory etc.
-                    print(f"  skip {cfg}: {type(exc).__name__}", file=sys.stderr)
+        results = _measure(list(candidates(t * k / e, quick)), w13, w2, x, hmid, tw, ids, e, k, rep)
         best = _best_pair(results, f"{model} T={t}")
         for proj in ("w13", "w2"):  # the generic and the ASM loop side by side (same run)
             gen = min((r[0] for r in results[proj] if not r[1].get("ASM")), default=float("nan"))
@@ -123,17 +125,7 @@ def tune_shape(model: str, tokens: list[int], quick: bool) -> dict:
             print(f"{model} T={t} {proj}: best generic {gen:.1f}us, best ASM {asm:.1f}us", flush=True)
         if pre:  # prefill: the dequant path (its two dequant launches included) vs in-loop KT on the packed weights
             deq_us = _bench(lambda: (dequant_bf16(w.w13), dequant_bf16(w.w2)), graph=True, rep=rep)
-            inloop = {"w13": [], "w2": []}
-            for cfg in prefill_inloop_candidates():
-                route = moe_align(ids, e, cfg["BLOCK_M"])
-                for proj, fn in (("w13", lambda: grouped_gemm(x, w.w13, cfg, mode=MODE_GATE_UP, route=route,
-                                                              a_div=k)),
-                                 ("w2", lambda: grouped_gemm(hmid, w.w2, cfg, mode=MODE_DOWN, route=route,
-                                                             topk_weights=tw))):
-                    try:
-                        inloop[proj].append((_bench(fn, graph=True, rep=rep), cfg))
-                    except Exception as exc:  # out of shared memory / registers
-                        print(f"  skip in-loop {cfg}: {type(exc).__name__}", file=sys.stderr)
+            inloop = _measure(list(prefill_inloop_candidates()), w.w13, w.w2, x, hmid, tw, ids, e, k, rep)
             alt = _best_pair(inloop, f"{model} T={t} in-loop") if inloop["w13"] and inloop["w2"] else None
             dq_total = deq_us + best["w13"][0] + best["w2"][0]
             print(f"{model} T={t}: dequant path {dq_total:.1f}us (dequant {deq_us:.1f}us)"
