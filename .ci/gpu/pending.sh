@@ -36,7 +36,11 @@ case $step in
   offload)
     OUT=$OUT bash .ci/gpu/offload_diag.sh ;;
   parallel)
-    MXSERVE_TEST_JSON=$OUT/parallel.json python3 -m pytest -q -m gpu tests/integration/test_vllm_parallel.py ;;
+    MXSERVE_TEST_JSON=$OUT/parallel.json timeout 560 python3 -m pytest -q -m gpu -rA --basetemp=/tmp/ptpar \
+      tests/integration/test_vllm_parallel.py 2>&1 | tail -60
+    rc=${PIPESTATUS[0]}; mkdir -p "$OUT/parallel_logs"
+    find /tmp/ptpar -name "*.log" -exec sh -c 'tail -c 200000 "$1" > "$2/$(basename "$(dirname "$1")")-$(basename "$1")"' _ {} "$OUT/parallel_logs" \;
+    exit "$rc" ;;
   e2e|e2e-peers|e2e48)
     # engine runner logs stay in /tmp/e2e*/logs: copied to $OUT at the end, also on failure; per-variant timeouts
     # derive from the work (bench_runner.plan_budget_s) and shrink to fit --deadline-s
