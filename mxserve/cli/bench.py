@@ -4,6 +4,14 @@ Variants (random weights via ``--load-format dummy`` on config-only model direct
   bf16; fp8 (``--quantization fp8``, online); gptq_w4 (GPTQ-Marlin W4 g128 sym on attention + experts);
   mxmoe_w4 (int4 g128 asym on attention + experts); mxmoe_mix25 (experts 75% int2 / 25% int3 g128 asym = 2.5 bits
   with metadata, attention int4).
+Expert offload (issue 7, docs/offload.md "End to end"): mxmoe_w4_off100 / _off50 / _off25 (nested W4 experts,
+  ``NESTED_W4``, with ``quantization_config.offload``: GPU slot pool = that share of the expert bytes, HEBF,
+  look-ahead 1, on_miss=base; dummy weights reach the pinned arena: ``OffloadMoEMethod`` fills the flat tensors in
+  ``process_weights_after_loading`` before writing them there); vLLM's own UVA offload at the same GPU bytes for
+  experts: gptq_w4_cpuoff25 / bf16_cpuoff25 (``--cpu-offload-gb`` from ``expert_memory``, ``--cpu-offload-params
+  experts``). With an offload variant the pinned H2D copy bandwidth (``--pinned-gib``) is measured first, in a
+  subprocess; offload rows carry the cache's counters per batch (stall fraction, H2D GB/s, hit rate) and the JSON's
+  targets add off25 / all-resident W4 (>= 0.5) and off25 / gptq_w4_cpuoff25 (>= 3) at B=32.
 Runner ``engine`` (default): ONE vLLM engine per variant (``python -m mxserve.vllm_plugin.bench_runner`` in a
 subprocess, default torch.compile + CUDA graphs): output tok/s at each batch size B (B prompts of ``--input-len``
 random tokens, ``--output-len`` output tokens, all in flight at once; timed repeats until >= ``--min-window-s``
@@ -34,6 +42,7 @@ import json
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -41,7 +50,11 @@ import time
 from mxserve.io import write_json_atomic
 from mxserve.vllm_plugin.bench_runner import estimate_startup_s, plan_budget_s
 
-VARIANTS = ("bf16", "fp8", "gptq_w4", "mxmoe_w4", "mxmoe_mix25")
+OFFLOAD_BUDGETS = {"mxmoe_w4_off100": 1.0, "mxmoe_w4_off50": 0.5, "mxmoe_w4_off25": 0.25}  # GPU share of experts
+VLLM_OFFLOAD = {"gptq_w4_cpuoff25": ("gptq_w4", 0.25), "bf16_cpuoff25": ("bf16", 0.25)}  # (peer, GPU share)
+VARIANTS = ("bf16", "fp8", "gptq_w4", "mxmoe_w4", "mxmoe_mix25", *OFFLOAD_BUDGETS, *VLLM_OFFLOAD)
+NESTED_W4 = "int2_g128_asym_nested4"   # offloaded experts must be nested (int2 base + planes 3, 4): 4.5 bits
+_OFFLOADED_RE = re.compile(r"Total CPU offloaded parameters: ([\d.]+)")
 _TPUT_RE = re.compile(r"Throughput: ([\d.]+) requests/s, ([\d.]+) total tokens/s, ([\d.]+) output tokens/s")
 _MEM_RE = re.compile(r"Model loading took ([\d.]+) GiB")
 _clock = time.monotonic  # wall clock of ``run`` (tests replace it)
@@ -50,7 +63,7 @@ _clock = time.monotonic  # wall clock of ``run`` (tests replace it)
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmarks against vLLM peers measured in the same run")
     sub = p.add_subparsers(dest="bench_command", metavar="BENCH")
-    e = sub.add_parser("e2e", help="vllm bench throughput/latency: bf16, fp8, GPTQ-Marlin W4, mxmoe W4, mxmoe 2.5b")
+    e = sub.add_parser("e2e", help="vLLM tok/s + TTFT: bf16, fp8, GPTQ-Marlin W4, mxmoe W4 / 2.5b, expert offload")
     e.add_argument("--preset", default="qwen3-30b-a3b", help="model geometry from mxserve.models.tiny.PRESETS")
     e.add_argument("--layers", type=int, default=48)
     e.add_argument("--out", required=True, help="work directory for the config-only model directories and logs")
@@ -68,6 +81,10 @@ def add_parser(subparsers) -> None:
     e.add_argument("--min-window-s", type=float, default=5.0, help="measured seconds per batch size (engine)")
     e.add_argument("--min-repeats", type=int, default=3, help="timed repeats per batch size (engine)")
     e.add_argument("--ttft-iters", type=int, default=30)
+    e.add_argument("--ttft-input-len", type=int, default=None,
+                   help="prompt tokens of the TTFT calls (default --input-len; issue 7 uses 2048: prefill tok/s)")
+    e.add_argument("--pinned-gib", type=float, default=1.0,
+                   help="GiB of the pinned H2D copy measured before the engines when an offload variant runs (0: off)")
     e.add_argument("--variant-timeout", type=float, default=None,
                    help="seconds per variant (engine runner; default: derived from the work, plan_budget_s)")
     e.add_argument("--deadline-s", type=float, default=None,
@@ -88,11 +105,21 @@ def _attn_modules(layers: int, projs=("q_proj", "k_proj", "v_proj", "o_proj")) -
     return [f"model.layers.{l}.self_attn.{p}" for l in range(layers) for p in projs]
 
 
+def offload_section(fraction: float) -> dict:
+    """``quantization_config["offload"]`` of the offload variants: GPU slot pool = ``fraction`` of all expert planes,
+    HEBF prefetch/eviction with one layer of look-ahead, a late upper plane runs the expert at its int2 base."""
+    return {"version": 1, "gpu_budget_fraction": fraction, "policy": "hebf", "lookahead": 1, "on_miss": "base",
+            "max_stall_us": 0.0}
+
+
 def mxmoe_plan(variant: str, layers: int, experts: int, seed: int = 0) -> dict:
-    """The quantization_config of an mxmoe benchmark variant (HF names, Qwen3-MoE layout)."""
+    """The quantization_config of an mxmoe benchmark variant (HF names, Qwen3-MoE layout); ``mxmoe_w4_off*``:
+    nested W4 experts (``NESTED_W4``) with the ``offload`` section of its budget."""
     rng = random.Random(seed)
     if variant == "mxmoe_w4":
         pick = lambda: "int4_g128_asym"  # noqa: E731
+    elif variant in OFFLOAD_BUDGETS:
+        pick = lambda: NESTED_W4  # noqa: E731
     elif variant == "mxmoe_mix25":
         pick = lambda: "int2_g128_asym" if rng.random() < 0.75 else "int3_g128_asym"  # noqa: E731
     else:
@@ -103,12 +130,108 @@ def mxmoe_plan(variant: str, layers: int, experts: int, seed: int = 0) -> dict:
         experts_plan[f"model.layers.{l}.mlp.experts"] = {"gate_up": gu, "down": [pick() for _ in range(experts)]}
     return {"quant_method": "mxmoe", "version": 1, "default_scheme": "bf16",
             "modules": {m: "int4_g128_asym" for m in _attn_modules(layers)}, "experts": experts_plan,
-            "kv": None, "offload": None, "meta": {"bench_variant": variant, "weights": "dummy"}}
+            "kv": None, "offload": offload_section(OFFLOAD_BUDGETS[variant]) if variant in OFFLOAD_BUDGETS else None,
+            "meta": {"bench_variant": variant, "weights": "dummy"}}
 
 
 GPTQ_W4 = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False,
            "modules_in_block_to_quantize": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
                                             ["self_attn.o_proj"], ["mlp.experts"]]}
+
+
+# ---- expert memory arithmetic (same GPU memory for the offload peers) ------------------------------------------
+GIB = 1 << 30
+
+
+def geometry(config: dict) -> dict:
+    """Routed-expert geometry of an HF config.json dict: {layers (MoE layers), experts, hidden, inter}.
+
+    Raises:
+        ValueError: naming the field when the config has no experts or dense layers between MoE layers (the arithmetic
+            below assumes every decoder layer is a MoE layer).
+    """
+    experts = config.get("num_experts") or config.get("num_local_experts")
+    if not experts:
+        raise ValueError("config.json: no num_experts / num_local_experts (not a MoE model)")
+    if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
+        raise ValueError("config.json: mlp_only_layers / decoder_sparse_step != 1 (dense layers) not supported")
+    inter = config.get("moe_intermediate_size") or config["intermediate_size"]
+    return {"layers": int(config["num_hidden_layers"]), "experts": int(experts), "hidden": int(config["hidden_size"]),
+            "inter": int(inter)}
+
+
+def expert_bytes(geo: dict, fmt: str) -> int:
+    """Bytes of all routed-expert weights (gate_up ``[2I, H]`` + down ``[H, I]`` per expert and layer) in ``fmt``.
+
+    Args:
+        geo: ``geometry`` dict.
+        fmt: "bf16" (vLLM ``w13_weight`` / ``w2_weight``); "gptq_w4" (vLLM GPTQ-Marlin MoE parameters as created,
+            which ``--cpu-offload-gb`` counts: int32 qweight K*N/2, bf16 scales and packed qzeros per g128 group,
+            int32 g_idx + sort indices per input row); or an mxserve ``WeightScheme`` name (exact storage bytes).
+    Returns:
+        layers x E x bytes per expert.
+    """
+    H, I = geo["hidden"], geo["inter"]
+    per = 0
+    for n, k in ((2 * I, H), (H, I)):      # gate_up: N=2I, K=H; down: N=H, K=I
+        if fmt == "bf16":
+            per += 2 * n * k
+        elif fmt == "gptq_w4":
+            g = 128
+            per += n * k // 2 + 2 * (k // g) * n + 2 * (k // g) * (n // 8) + 2 * 4 * k
+        else:
+            from mxserve_kernels.formats import WeightScheme
+            per += WeightScheme.parse(fmt).storage_bytes(n, k)
+    return geo["layers"] * geo["experts"] * per
+
+
+def offload_pool_bytes(geo: dict, fraction: float) -> tuple[int, int]:
+    """(GPU slot-pool bytes, host arena bytes) of mxmoe offload at ``fraction`` with ``NESTED_W4`` experts, as
+    ``ExpertCache`` sizes them (``PlaneLayout`` with 128-byte aligned tensors, ``num_slots``)."""
+    from mxserve.scheduler.config import OffloadConfig
+    from mxserve.scheduler.layout import PlaneLayout
+    from mxserve.scheduler.simulator import num_slots
+    from mxserve_kernels.formats import WeightScheme
+    s = WeightScheme.parse(NESTED_W4)
+    layout = PlaneLayout(hidden=geo["hidden"], inter=geo["inter"], gate_up=s, down=s)
+    cfg = OffloadConfig.from_dict(offload_section(fraction))
+    return (num_slots(cfg, layout, geo["layers"], geo["experts"]) * layout.slot_bytes,
+            layout.expert_bytes * geo["layers"] * geo["experts"])
+
+
+def expert_memory(geo: dict, variant: str) -> dict:
+    """Where a variant's routed-expert bytes live: {total_gib, gpu_gib, host_gib} and, for a vLLM offload peer,
+    ``cpu_offload_gb`` (GiB, vLLM's unit). A peer keeps on the GPU the bytes of mxmoe's slot pool at the same share
+    (``offload_pool_bytes``): the same GPU memory for expert weights, not the same fraction of its own bytes (the
+    4.5-bit nested pool is larger than 25% of GPTQ's 4.2-bit experts, so the peer gets the larger resident share)."""
+    if variant in OFFLOAD_BUDGETS:
+        gpu, host = offload_pool_bytes(geo, OFFLOAD_BUDGETS[variant])
+        return {"total_gib": host / GIB, "gpu_gib": gpu / GIB, "host_gib": host / GIB}
+    if variant in VLLM_OFFLOAD:
+        peer, frac = VLLM_OFFLOAD[variant]
+        total = expert_bytes(geo, peer)
+        gpu = min(total, offload_pool_bytes(geo, frac)[0])
+        return {"total_gib": total / GIB, "gpu_gib": gpu / GIB, "host_gib": (total - gpu) / GIB,
+                "cpu_offload_gb": round((total - gpu) / GIB, 3)}
+    if variant not in ("bf16", "gptq_w4", "mxmoe_w4"):
+        return {}          # fp8 (online) / the mixed plan: not part of the offload comparison
+    total = expert_bytes(geo, {"mxmoe_w4": "int4_g128_asym"}.get(variant, variant))
+    return {"total_gib": total / GIB, "gpu_gib": total / GIB, "host_gib": 0.0}
+
+
+def vllm_offload_kwargs(geo: dict, variant: str) -> dict:
+    """``vllm.LLM`` keyword arguments of a vLLM offload peer: UVA ``cpu_offload_gb`` (``expert_memory``) limited
+    to the experts' parameters (``cpu_offload_params``: the name segment "experts"); {} for other variants."""
+    if variant not in VLLM_OFFLOAD:
+        return {}
+    return {"cpu_offload_gb": expert_memory(geo, variant)["cpu_offload_gb"], "cpu_offload_params": ["experts"]}
+
+
+def _dir_key(variant: str) -> str:
+    """Model directory a variant runs on: bf16 / fp8 / bf16_cpuoff25 share the plain one, the GPTQ peers GPTQ's."""
+    if variant in ("bf16", "fp8"):
+        return "bf16"
+    return VLLM_OFFLOAD[variant][0] if variant in VLLM_OFFLOAD else variant
 
 
 def write_model_dirs(preset: str, layers: int, out: str, variants: list[str]) -> dict[str, str]:
@@ -126,15 +249,17 @@ def write_model_dirs(preset: str, layers: int, out: str, variants: list[str]) ->
         cfg.save_pretrained(base)
     dirs = {}
     for v in variants:
-        d = base if v in ("bf16", "fp8") else os.path.join(out, v)
-        if d != base:
+        key = _dir_key(v)
+        d = base if key == "bf16" else os.path.join(out, key)
+        if d != base and d not in dirs.values():
             os.makedirs(d, exist_ok=True)
             for fn in os.listdir(base):
                 if fn != "config.json":
                     with open(os.path.join(base, fn), "rb") as src, open(os.path.join(d, fn), "wb") as dst:
                         dst.write(src.read())
             c = json.load(open(os.path.join(base, "config.json")))
-            c["quantization_config"] = GPTQ_W4 if v == "gptq_w4" else mxmoe_plan(v, layers, c.get("num_experts") or c["num_local_experts"])
+            c["quantization_config"] = GPTQ_W4 if key == "gptq_w4" else mxmoe_plan(
+                key, layers, c.get("num_experts") or c["num_local_experts"])
             with open(os.path.join(d, "config.json.tmp"), "w") as f:
                 json.dump(c, f)
             os.replace(os.path.join(d, "config.json.tmp"), os.path.join(d, "config.json"))
@@ -162,18 +287,34 @@ def _common(variant: str, d: str) -> list[str]:
     return ["--model", d, "--load-format", "dummy", "--max-model-len", "4096", *q]
 
 
-_QUANT = {"fp8": "fp8", "gptq_w4": "gptq_marlin", "mxmoe_w4": "mxmoe", "mxmoe_mix25": "mxmoe"}
+_QUANT = {"fp8": "fp8", "gptq_w4": "gptq_marlin", "mxmoe_w4": "mxmoe", "mxmoe_mix25": "mxmoe",
+          "gptq_w4_cpuoff25": "gptq_marlin", **{v: "mxmoe" for v in OFFLOAD_BUDGETS}}
+
+
+def engine_json(variant: str, user_json: str, geo: dict) -> str:
+    """``--engine-json`` of a variant's runner: the user's object plus the vLLM offload peer's kwargs (which win)."""
+    extra = json.loads(user_json or "{}")
+    if not isinstance(extra, dict):
+        raise ValueError(f"--engine-json: expected a JSON object, got {user_json!r}")
+    return json.dumps({**extra, **vllm_offload_kwargs(geo, variant)})
 
 
 def bench_variant_engine(variant: str, d: str, a, logs: str) -> dict:
     """One engine for the variant (``mxserve.vllm_plugin.bench_runner`` subprocess); weight GiB from its log."""
     lj, log = os.path.join(logs, f"{variant}-engine.json"), os.path.join(logs, f"{variant}-engine.log")
     timeout = a.variant_timeout
+    with open(os.path.join(d, "config.json")) as f:
+        geo = geometry(json.load(f))
     cmd = [sys.executable, "-m", "mxserve.vllm_plugin.bench_runner", "--model", d, "--batch-sizes", a.batch_sizes,
-           "--input-len", str(a.input_len), "--output-len", str(a.output_len), "--engine-json", a.engine_json,
+           "--input-len", str(a.input_len), "--output-len", str(a.output_len),
+           "--engine-json", engine_json(variant, a.engine_json, geo),
            "--min-window-s", str(getattr(a, "min_window_s", 5.0)), "--min-repeats", str(getattr(a, "min_repeats", 3)),
            "--ttft-iters", str(getattr(a, "ttft_iters", 30)), "--budget-s", f"{max(timeout - 20.0, 1.0):.0f}",
            "--json", lj]
+    if getattr(a, "ttft_input_len", None):
+        cmd += ["--ttft-input-len", str(a.ttft_input_len)]
+    if variant in OFFLOAD_BUDGETS:
+        cmd += ["--offload-stats"]
     if variant in _QUANT:
         cmd += ["--quantization", _QUANT[variant]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -198,9 +339,20 @@ def bench_variant_engine(variant: str, d: str, a, logs: str) -> dict:
     if r.get("windows"):
         res["windows"] = {int(b): {k: w[k] for k in ("repeats_tok_s", "window_s", "spread", "short")}
                           for b, w in r["windows"].items()}
+    for k in ("ttft_input_len", "prefill_tok_s", "offload_ttft", "offload_final"):
+        if r.get(k) is not None:
+            res[k] = r[k]
+    if r.get("offload"):
+        res["offload"] = {int(b): x for b, x in r["offload"].items()}
     mem = _MEM_RE.search(text)
     if mem:
         res["weight_gib"] = float(mem.group(1))
+    em = expert_memory(geo, variant)
+    if em:
+        res["expert_memory"] = em
+    off = _OFFLOADED_RE.search(text)
+    if off:
+        res["cpu_offloaded_gib"] = float(off.group(1))   # what vLLM's UVA offloader actually moved (per parameter)
     return res
 
 
@@ -240,6 +392,13 @@ def targets(results: list[dict], batch_sizes: list[int]) -> dict:
     mix, bf = by.get("mxmoe_mix25", {}).get("weight_gib"), by.get("bf16", {}).get("weight_gib")
     if mix and bf:
         out["mxmoe_mix25_weights_vs_bf16"] = {"value": mix / bf, "target": 0.3, "ok": mix / bf <= 0.3}
+    # issue 7: 25% of the expert bytes on the GPU, batch-32 decode: >= 0.5x all-resident W4, >= 3x vLLM's offload
+    b32 = lambda v: by.get(v, {}).get("throughput", {}).get(32)  # noqa: E731
+    off = b32("mxmoe_w4_off25")
+    for key, ref, need in (("mxmoe_w4_off25_vs_resident_b32", "mxmoe_w4", 0.5),
+                           ("mxmoe_w4_off25_vs_vllm_cpuoff25_b32", "gptq_w4_cpuoff25", 3.0)):
+        if off and b32(ref):
+            out[key] = {"value": off / b32(ref), "target": need, "ok": off / b32(ref) >= need}
     return out
 
 
@@ -296,22 +455,80 @@ def markdown_rows(results: list[dict], batch_sizes: list[int], label: str) -> st
     return head + "\n" + "\n".join(rows) + "\n"
 
 
+def offload_rows(results: list[dict], batch_sizes: list[int], pinned_gbps: float | None) -> str:
+    """Markdown table of the offload variants (those with ``expert_memory`` host bytes or cache counters): expert
+    GiB on GPU / host, per batch size stall fraction, average H2D GB/s (and x the pinned copy bandwidth) and hit
+    rate, and the TTFT-prompt prefill tok/s; "" if there is none."""
+    rows = []
+    for r in results:
+        em = r.get("expert_memory") or {}
+        if "throughput" not in r or not (em.get("host_gib") or r.get("offload")):
+            continue
+        cells = [r["variant"], f"{em['gpu_gib']:.2f} / {em['host_gib']:.2f}" if em else "-"]
+        for b in batch_sizes:
+            o = (r.get("offload") or {}).get(b)
+            if not o:
+                cells.append("-")
+                continue
+            x = f" ({o['h2d_gbps'] / pinned_gbps:.2f}x)" if pinned_gbps else ""
+            hit = "-" if o.get("hit_rate") is None else f"{o['hit_rate']:.2f}"
+            cells.append(f"{100 * o['stall_fraction']:.0f}% / {o['h2d_gbps']:.1f}{x} / {hit}")
+        cells.append(f"{r['prefill_tok_s']:,.0f}" if r.get("prefill_tok_s") else "-")
+        rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    head = ("| variant | experts GPU / host GiB | " + " | ".join(f"B={b} stall / H2D GB/s / hit" for b in batch_sizes)
+            + " | prefill tok/s (TTFT prompt) |\n|" + "---|" * (len(batch_sizes) + 3))
+    pin = f"pinned H2D copy: {pinned_gbps:.1f} GB/s" if pinned_gbps else "pinned H2D copy: not measured"
+    return f"\n{pin}\n\n{head}\n" + "\n".join(rows) + "\n"
+
+
 def variant_timeout(a) -> float:
     """Per-variant timeout: ``--variant-timeout``, else derived from the work (``bench_runner.plan_budget_s``)."""
     if a.variant_timeout:
         return float(a.variant_timeout)
     return plan_budget_s(a.layers, [int(x) for x in a.batch_sizes.split(",")], a.input_len, a.output_len,
-                         a.min_window_s, a.min_repeats, a.ttft_iters)
+                         a.min_window_s, a.min_repeats, a.ttft_iters, ttft_input_len=getattr(a, "ttft_input_len", None))
 
 
-def _summary(a, results: list[dict], batch_sizes: list[int], wall_s: float) -> dict:
+def share_timeout(planned: float, left: float | None, need: float, after: int) -> float:
+    """Timeout of the next variant: ``planned``, capped by what is ``left`` of the deadline minus the minimum
+    (``need`` s) of each of the ``after`` variants still to come, when they can all get it; else all of ``left``."""
+    if left is None:
+        return planned
+    rest = left - need * after
+    return min(planned, rest if rest >= need else left)
+
+
+def measure_pinned_gbps(gib: float, timeout: float = 180.0) -> dict:
+    """Pinned host -> GPU copy bandwidth of one ``gib`` GiB buffer (``mxserve.scheduler.bench.pinned_bandwidth``,
+    best of 5), in a subprocess so this process never holds a CUDA context while the engines run.
+
+    Returns:
+        {"pinned_gbps": GB/s, "pinned_gib": gib} or {"pinned_error": message}.
+    """
+    code = ("import json; from mxserve.scheduler.bench import pinned_bandwidth; "
+            f"print('PINNED', json.dumps(pinned_bandwidth(int({gib} * (1 << 30)))))")
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"pinned_error": f"timeout after {timeout:.0f}s"}
+    m = re.search(r"^PINNED ([\d.eE+-]+)$", p.stdout, re.M)
+    if p.returncode != 0 or not m:
+        return {"pinned_error": f"rc={p.returncode}: " + (p.stderr or p.stdout)[-1000:]}
+    return {"pinned_gbps": float(m.group(1)), "pinned_gib": gib}
+
+
+def _summary(a, results: list[dict], batch_sizes: list[int], wall_s: float, pinned: dict | None = None) -> dict:
     return {"preset": a.preset, "layers": a.layers, "input_len": a.input_len, "output_len": a.output_len,
-            "batch_sizes": batch_sizes, "runner": a.runner, "results": results,
+            "ttft_input_len": getattr(a, "ttft_input_len", None) or a.input_len,
+            "batch_sizes": batch_sizes, "runner": a.runner, **(pinned or {}), "results": results,
             "targets": targets(results, batch_sizes), "wall_s": round(wall_s, 1)}
 
 
 def _table(out: dict, label: str) -> str:
     md = markdown_rows(out["results"], out["batch_sizes"], label)
+    md += offload_rows(out["results"], out["batch_sizes"], out.get("pinned_gbps"))
     return md + "".join(f"\n- {k}: {t['value']:.2f} (target {t['target']}) {'OK' if t['ok'] else 'MISSED'}"
                         for k, t in out["targets"].items()) + "\n"
 
@@ -324,6 +541,9 @@ def run(a) -> int:
     bad = sorted(set(variants) - set(VARIANTS))
     if bad:
         raise ValueError(f"--variants: unknown {bad}; choose from {list(VARIANTS)}")
+    offloading = [v for v in variants if v in OFFLOAD_BUDGETS or v in VLLM_OFFLOAD]
+    if offloading and a.runner != "engine":
+        raise ValueError(f"--variants {offloading}: the offload variants need --runner engine")
     logs = os.path.join(a.out, "logs")
     os.makedirs(logs, exist_ok=True)
     dirs = write_model_dirs(a.preset, a.layers, a.out, variants)
@@ -337,7 +557,11 @@ def run(a) -> int:
     label = f"{a.preset} L={a.layers} in{a.input_len}/out{a.output_len}"
     fn = bench_variant_engine if a.runner == "engine" else bench_variant
     out: dict = {}
-    for v in variants:
+    # pinned copy bandwidth in the same run, before any engine holds the GPU (the offload rows' H2D reference)
+    pinned = measure_pinned_gbps(a.pinned_gib) if offloading and getattr(a, "pinned_gib", 0) > 0 else None
+    if pinned:
+        print(f"[bench e2e] pinned H2D: {json.dumps(pinned)}", flush=True)
+    for i, v in enumerate(variants):
         tv = _clock()
         left = None if a.deadline_s is None else a.deadline_s - (tv - t0) - 15.0  # 15 s: kill + JSON + table
         need = 0.5 * estimate_startup_s(a.layers) + 30.0  # below this, even a fast start-up cannot finish: skip
@@ -345,7 +569,8 @@ def run(a) -> int:
             res = {"variant": v, "error": f"skipped: {left:.0f} s left of --deadline-s, a variant needs >= {need:.0f}"}
             print(f"[bench e2e] {v} SKIPPED ({res['error']})", file=sys.stderr, flush=True)
         else:
-            av = argparse.Namespace(**{**vars(a), "variant_timeout": planned if left is None else min(planned, left)})
+            timeout = share_timeout(planned, left, need, len(variants) - i - 1)
+            av = argparse.Namespace(**{**vars(a), "variant_timeout": timeout})
             try:
                 res = fn(v, dirs[v], av, logs)
             except Exception as e:  # record and go on: one broken peer must not cost the whole comparison
@@ -353,8 +578,9 @@ def run(a) -> int:
                 print(f"[bench e2e] {v} FAILED: {str(e)[:2000]}", file=sys.stderr, flush=True)
         res["wall_s"] = round(_clock() - tv, 1)
         results.append(res)
-        print(json.dumps({k: v_ for k, v_ in res.items() if k not in ("error", "windows")}), flush=True)
-        out = _summary(a, results, batch_sizes, _clock() - t0)
+        print(json.dumps({k: v_ for k, v_ in res.items() if k not in ("error", "windows", "offload", "offload_ttft",
+                                                                          "offload_final")}), flush=True)
+        out = _summary(a, results, batch_sizes, _clock() - t0, pinned)
         write_json_atomic(a.json, out)
     md = _table(out, label)
     print(md)
@@ -366,7 +592,8 @@ def run(a) -> int:
 
 def _int_keys(res: dict) -> dict:
     """A result with its per-batch dicts keyed by int B again (JSON turned them into strings)."""
-    return {**res, **{f: {int(b): x for b, x in res[f].items()} for f in ("throughput", "windows") if res.get(f)}}
+    return {**res, **{f: {int(b): x for b, x in res[f].items()} for f in ("throughput", "windows", "offload")
+                      if res.get(f)}}
 
 
 def merge_results(runs: list[dict]) -> dict:
@@ -378,8 +605,8 @@ def merge_results(runs: list[dict]) -> dict:
     """
     if not runs:
         raise ValueError("bench merge: no input JSON")
-    for f in ("preset", "layers", "input_len", "output_len"):
-        vals = {r.get(f) for r in runs}
+    for f in ("preset", "layers", "input_len", "output_len", "ttft_input_len"):
+        vals = {r.get(f, r.get("input_len")) if f == "ttft_input_len" else r.get(f) for r in runs}
         if len(vals) > 1:
             raise ValueError(f"bench merge: inputs differ in {f!r}: {sorted(map(str, vals))}")
     by: dict[str, dict] = {}
@@ -389,7 +616,10 @@ def merge_results(runs: list[dict]) -> dict:
                 by[res["variant"]] = _int_keys(res)
     bs = sorted({int(b) for r in runs for b in r.get("batch_sizes", [])})
     results = list(by.values())
+    pins = [r["pinned_gbps"] for r in runs if r.get("pinned_gbps")]
+    pinned = {"pinned_gbps": statistics.median(pins), "pinned_gbps_runs": pins} if pins else {}
     return {**{f: runs[0].get(f) for f in ("preset", "layers", "input_len", "output_len", "runner")},
+            "ttft_input_len": runs[0].get("ttft_input_len", runs[0].get("input_len")), **pinned,
             "batch_sizes": bs, "results": results, "targets": targets(results, bs),
             "wall_s": round(sum(r.get("wall_s", 0) for r in runs), 1), "merged_from": len(runs)}
 

@@ -10,8 +10,14 @@ variant and measures everything in it:
   (``max_num_seqs >= B``), prefill included as ``vllm bench throughput`` counts it. Repeats run until the measured
   window (their summed wall time) is >= ``min_window_s`` AND there were >= ``min_repeats`` of them (a 1-s window
   swung +-15% between runs); reported tok/s = the median repeat, with ``spread`` = (max - min) / median;
-* TTFT: one prompt of ``input_len`` tokens, one output token (the ``vllm bench latency --output-len 1`` proxy),
-  ``ttft_iters`` timed calls after ``warmup`` untimed ones, distinct prompts; p50 / p99 / mean.
+* TTFT: one prompt of ``ttft_input_len`` tokens (default ``input_len``; the offload comparison uses 2048), one
+  output token (the ``vllm bench latency --output-len 1`` proxy), ``ttft_iters`` timed calls after ``warmup``
+  untimed ones, distinct prompts; p50 / p99 / mean, and ``prefill_tok_s`` = ttft_input_len / p50;
+* expert-offload counters (``--offload-stats``, mxmoe variants with an ``offload`` section): the engine core owns
+  the ``ExpertCache``, so the runner loads ``OffloadStatsExtension`` into vLLM's worker (``worker_extension_cls``)
+  and reads ``cache.stats()`` through ``llm.collective_rpc`` right before and after each batch's timed repeats and
+  around the timed TTFT calls; ``stats_delta`` turns the pair into hit rate, H2D bytes and GB/s (bytes / window
+  wall time: an average over the window, not the link's peak), stall seconds and the stall fraction of the window.
 
 Time budget: with ``--budget-s`` (the caller's per-variant timeout minus a margin, ``plan_budget_s``) the runner
 shares what is left after start-up between the batch sizes in proportion to their estimated work
@@ -24,7 +30,7 @@ Weight memory is vLLM's "Model loading took X GiB" log line, which the engine-co
 Usage::
 
     python -m mxserve.vllm_plugin.bench_runner --model DIR [--quantization mxmoe] --batch-sizes 1,8,32,256 \\
-        --input-len 128 --output-len 512 --budget-s 300 --json OUT.json
+        --input-len 128 --output-len 512 [--ttft-input-len 2048] [--offload-stats] --budget-s 300 --json OUT.json
 """
 from __future__ import annotations
 
@@ -51,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-repeats", type=int, default=3, help="timed repeats per batch size (at least)")
     p.add_argument("--max-repeats", type=int, default=50)
     p.add_argument("--ttft-iters", type=int, default=30)
+    p.add_argument("--ttft-input-len", type=int, default=None, help="prompt tokens of the TTFT calls (default: "
+                   "--input-len)")
+    p.add_argument("--offload-stats", action="store_true", help="read the expert cache's counters from the worker "
+                   "(OffloadStatsExtension) around every timed window")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=None, help="wall seconds for the whole run (start-up included)")
     p.add_argument("--load-format", default="dummy")
@@ -87,11 +97,79 @@ def estimate_startup_s(layers: int) -> float:
 
 
 def plan_budget_s(layers: int, batch_sizes: list[int], input_len: int, output_len: int, min_window_s: float = 5.0,
-                  min_repeats: int = 3, ttft_iters: int = 30, warmup: int = 3) -> float:
+                  min_repeats: int = 3, ttft_iters: int = 30, warmup: int = 3,
+                  ttft_input_len: int | None = None) -> float:
     """Per-variant timeout derived from the work: start-up + every batch size + TTFT calls + 30 s margin."""
-    ttft = (ttft_iters + warmup) * (0.05 + estimate_call_s(layers, 1, input_len, 1))
+    ttft = (ttft_iters + warmup) * (0.05 + estimate_call_s(layers, 1, ttft_input_len or input_len, 1))
     work = sum(estimate_batch_s(layers, b, input_len, output_len, min_window_s, min_repeats) for b in batch_sizes)
     return estimate_startup_s(layers) + work + ttft + 30.0
+
+
+# ---- expert-offload counters (read in vLLM's worker process) ------------------------------------------------------
+_COUNTERS = ("hits", "misses", "bytes_moved", "prefetch_bytes", "stall_seconds", "degraded", "prefetch_issued",
+             "prefetch_useful")
+
+
+def _plain(x):
+    """``x`` with numpy scalars / arrays, tuples and sets turned into JSON-serialisable Python values."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (set, frozenset)):
+        return sorted(_plain(v) for v in x)
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return x
+
+
+def offload_stats(model) -> dict | None:
+    """``ExpertCache.stats()`` of the model's shared ``OffloadRuntime`` (plus the arena's pin mode / bytes), or None
+    when no MoE layer offloads.
+
+    Args:
+        model: the vLLM model (``Worker.get_model()``); its modules' ``quant_method.runtime.cache`` is looked up.
+    """
+    for m in model.modules():
+        cache = getattr(getattr(getattr(m, "quant_method", None), "runtime", None), "cache", None)
+        if cache is not None:
+            arena = getattr(cache, "arena", None)
+            return _plain({**cache.stats(), "pin_mode": getattr(arena, "pin_mode", None),
+                           "host_pinned_bytes": getattr(arena, "pinned_bytes", None)})
+    return None
+
+
+class OffloadStatsExtension:
+    """Mixed into vLLM's worker class (``LLM(worker_extension_cls=...)``): ``llm.collective_rpc(
+    "mxserve_offload_stats")`` returns one ``offload_stats`` dict (or None) per worker."""
+
+    def mxserve_offload_stats(self) -> dict | None:
+        return offload_stats(self.get_model())
+
+
+EXTENSION = "mxserve.vllm_plugin.bench_runner.OffloadStatsExtension"   # qualified name the worker imports
+
+
+def stats_delta(before: dict | None, after: dict | None, seconds: float) -> dict | None:
+    """Counters moved between two ``offload_stats`` reads around ``seconds`` of measured wall time.
+
+    Returns:
+        None if either read is missing, else {hits, misses, hit_rate (None without lookups), h2d_bytes,
+        h2d_gbps (bytes / seconds / 1e9: the window's average), prefetch_bytes, stall_s, stall_fraction
+        (stall_s / seconds), degraded, prefetch_issued, prefetch_useful, plane_mix (routed tokens per run level)}.
+    """
+    if not before or not after:
+        return None
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in _COUNTERS}
+    looked = d["hits"] + d["misses"]
+    mix_a, mix_b = after.get("plane_mix") or {}, before.get("plane_mix") or {}
+    secs = max(seconds, 1e-9)
+    return {"hits": d["hits"], "misses": d["misses"], "hit_rate": d["hits"] / looked if looked else None,
+            "h2d_bytes": d["bytes_moved"], "h2d_gbps": d["bytes_moved"] / secs / 1e9,
+            "prefetch_bytes": d["prefetch_bytes"], "stall_s": d["stall_seconds"],
+            "stall_fraction": d["stall_seconds"] / secs, "degraded": d["degraded"],
+            "prefetch_issued": d["prefetch_issued"], "prefetch_useful": d["prefetch_useful"],
+            "plane_mix": {k: mix_a[k] - mix_b.get(k, 0) for k in mix_a}}
 
 
 # ---- measurement ------------------------------------------------------------------------------------------------
@@ -139,11 +217,13 @@ def _time_batch(llm, b: int, a, sp, vocab: int, rng: random.Random, share_s: flo
             "short": window < a.min_window_s or len(toks) < a.min_repeats}
 
 
-def measure(llm, a: argparse.Namespace, deadline: float | None = None) -> dict:
+def measure(llm, a: argparse.Namespace, deadline: float | None = None, stats=None) -> dict:
     """Run the throughput sweep and the TTFT loop on a started ``vllm.LLM``; returns the result dict.
 
     Args:
         deadline: ``time.perf_counter()`` value by which everything must be done (None: no budget).
+        stats: zero-argument callable returning the expert cache's counters (``offload_stats``) or None; read
+            around each batch's timed repeats and the timed TTFT calls (``res["offload"]``, ``stats_delta``).
     """
     from vllm import SamplingParams
 
@@ -159,7 +239,10 @@ def measure(llm, a: argparse.Namespace, deadline: float | None = None) -> dict:
     llm.generate(random_prompts(2, a.input_len, vocab, rng),
                  SamplingParams(max_tokens=16, ignore_eos=True, detokenize=False), use_tqdm=False)  # warm-up
     res: dict = {"throughput": {}, "elapsed_s": {}, "windows": {}}
-    ttft_s = (a.warmup + a.ttft_iters) * (0.05 + estimate_call_s(layers, 1, a.input_len, 1))
+    if stats is not None:
+        res["offload"] = {}
+    ttft_len = getattr(a, "ttft_input_len", None) or a.input_len
+    ttft_s = (a.warmup + a.ttft_iters) * (0.05 + estimate_call_s(layers, 1, ttft_len, 1))
     weights = {b: estimate_batch_s(layers, b, a.input_len, a.output_len, a.min_window_s, a.min_repeats)
                for b in batch_sizes}
     for i, b in enumerate(batch_sizes):
@@ -172,7 +255,10 @@ def measure(llm, a: argparse.Namespace, deadline: float | None = None) -> dict:
                      SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False), use_tqdm=False)
         if share is not None:
             share = max(0.0, share - (time.perf_counter() - t_b))
+        s0 = stats() if stats is not None else None
         w = _time_batch(llm, b, a, sp, vocab, rng, share)
+        if stats is not None:
+            res["offload"][b] = stats_delta(s0, stats(), w["window_s"])
         res["throughput"][b] = w["tok_s"]
         res["elapsed_s"][b] = w["window_s"]
         res["windows"][b] = w
@@ -180,35 +266,60 @@ def measure(llm, a: argparse.Namespace, deadline: float | None = None) -> dict:
               f"{w['window_s']:.1f} s, spread {100 * w['spread']:.1f}%{', SHORT' if w['short'] else ''})",
               flush=True)
     one = SamplingParams(max_tokens=1, detokenize=False)
-    lat = []
-    for i, p in enumerate(random_prompts(a.warmup + a.ttft_iters, a.input_len, vocab, rng)):
+    lat, s0 = [], None
+    for i, p in enumerate(random_prompts(a.warmup + a.ttft_iters, ttft_len, vocab, rng)):
+        if i == a.warmup and stats is not None:
+            s0 = stats()
         t = time.perf_counter()
         llm.generate([p], one, use_tqdm=False)
         if i >= a.warmup:
             lat.append(time.perf_counter() - t)
+    if stats is not None:
+        res["offload_ttft"] = stats_delta(s0, stats(), sum(lat))
     res.update(ttft_ms=1000 * statistics.mean(lat), ttft_p50_ms=1000 * percentile(lat, 50),
-               ttft_p99_ms=1000 * percentile(lat, 99), ttft_n=len(lat))
-    print(f"[bench_runner] TTFT p50 {res['ttft_p50_ms']:.1f} ms, p99 {res['ttft_p99_ms']:.1f} ms "
+               ttft_p99_ms=1000 * percentile(lat, 99), ttft_n=len(lat), ttft_input_len=ttft_len,
+               prefill_tok_s=ttft_len / percentile(lat, 50))
+    print(f"[bench_runner] TTFT ({ttft_len} tokens) p50 {res['ttft_p50_ms']:.1f} ms, p99 {res['ttft_p99_ms']:.1f} ms "
           f"(n={len(lat)})", flush=True)
     return res
+
+
+_SET_KWARGS = ("cpu_offload_params", "offload_params")   # EngineArgs fields typed set[str] (JSON gives lists)
+
+
+def engine_kwargs(a: argparse.Namespace) -> dict:
+    """``vllm.LLM`` keyword arguments of a run: the model, dummy load, quantization, ``max_model_len`` covering the
+    throughput prompts and the TTFT prompt, ``max_num_seqs`` = largest B, the offload-stats worker extension, then
+    ``--engine-json`` on top (its list values for set-typed fields such as ``cpu_offload_params`` become sets)."""
+    batch_sizes = [int(x) for x in a.batch_sizes.split(",") if x]
+    need = max(a.input_len + a.output_len, (a.ttft_input_len or a.input_len) + 1) + 64
+    kwargs = dict(model=a.model, tokenizer=a.model, load_format=a.load_format, quantization=a.quantization,
+                  max_model_len=a.max_model_len or need, max_num_seqs=max(batch_sizes),
+                  gpu_memory_utilization=a.gpu_memory_utilization, seed=a.seed, enable_prefix_caching=False)
+    if a.offload_stats:
+        kwargs["worker_extension_cls"] = EXTENSION
+    extra = json.loads(a.engine_json)
+    if not isinstance(extra, dict):
+        raise ValueError(f"--engine-json: expected a JSON object, got {a.engine_json!r}")
+    kwargs.update({k: set(v) if k in _SET_KWARGS and isinstance(v, list) else v for k, v in extra.items()})
+    return kwargs
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     from vllm import LLM
 
-    batch_sizes = [int(x) for x in a.batch_sizes.split(",") if x]
-    kwargs = dict(model=a.model, tokenizer=a.model, load_format=a.load_format, quantization=a.quantization,
-                  max_model_len=a.max_model_len or a.input_len + a.output_len + 64, max_num_seqs=max(batch_sizes),
-                  gpu_memory_utilization=a.gpu_memory_utilization, seed=a.seed, enable_prefix_caching=False)
-    kwargs.update(json.loads(a.engine_json))
+    kwargs = engine_kwargs(a)
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     startup = time.perf_counter() - t0
     print(f"[bench_runner] engine up in {startup:.1f} s", flush=True)
-    res = measure(llm, a, None if a.budget_s is None else _T0 + a.budget_s)
+    stats = (lambda: llm.collective_rpc("mxserve_offload_stats")[0]) if a.offload_stats else None
+    res = measure(llm, a, None if a.budget_s is None else _T0 + a.budget_s, stats=stats)
+    if stats is not None:
+        res["offload_final"] = stats()
     res.update(startup_s=startup, total_s=time.perf_counter() - _T0, budget_s=a.budget_s,
-               engine_kwargs={k: v for k, v in kwargs.items() if k not in ("model", "tokenizer")})
+               engine_kwargs=_plain({k: v for k, v in kwargs.items() if k not in ("model", "tokenizer")}))
     write_json_atomic(a.json, res)
     return 0
 

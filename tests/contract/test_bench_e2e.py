@@ -3,6 +3,7 @@ table computes ratios from the numbers it is given, and the CLI registers the su
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mxserve.cli.bench import markdown_rows, mxmoe_plan
 from mxserve.config import MxMoEConfig
@@ -144,10 +145,14 @@ def test_engine_variant_parses_log(tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "Popen", FakePopen)
     monkeypatch.setattr(bench, "_kill_group", lambda p: None)
+    geo = {"num_hidden_layers": 2, "num_experts": 4, "hidden_size": 256, "moe_intermediate_size": 128}
+    (tmp_path / "config.json").write_text(json.dumps(geo))
     a = types.SimpleNamespace(batch_sizes="1,8", input_len=8, output_len=16, engine_json="{}", variant_timeout=100)
-    r = bench.bench_variant_engine("gptq_w4", "/m", a, str(tmp_path))
+    r = bench.bench_variant_engine("gptq_w4", str(tmp_path), a, str(tmp_path))
+    mem = r.pop("expert_memory")
     assert r == {"variant": "gptq_w4", "throughput": {1: 10.0, 8: 70.0}, "ttft_ms": 12.5, "ttft_p50_ms": None,
                  "ttft_p99_ms": None, "startup_s": 40, "weight_gib": 2.38, "timeout_s": 100}
+    assert mem["gpu_gib"] == mem["total_gib"] > 0 and mem["host_gib"] == 0
     cmd = (tmp_path / "gptq_w4-engine.log").read_text().splitlines()[0]
     assert "--quantization gptq_marlin" in cmd and "--budget-s 80" in cmd   # the runner fits inside the timeout
 
@@ -200,3 +205,59 @@ def test_deadline_skips_variants_that_cannot_start(tmp_path, monkeypatch):
     assert args.func(args) == 1 and len(seen) == 1 and seen[0] <= args.deadline_s
     res = json.loads((tmp_path / "e.json").read_text())["results"]
     assert "throughput" in res[0] and res[1]["error"].startswith("skipped")
+
+
+def test_gptq_expert_bytes_match_vllm_create_weights(vllm_cpu):
+    """``bench.expert_bytes(geo, "gptq_w4")`` (what ``--cpu-offload-gb`` is computed from) == the bytes of the
+    parameters vLLM's GPTQ(-Marlin) MoE method creates (which its UVA offloader counts), for the bench's config."""
+    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig, AutoGPTQMoEMethod
+
+    from mxserve.cli.bench import GPTQ_W4, expert_bytes
+    method = object.__new__(AutoGPTQMoEMethod)          # create_weights reads only these attributes
+    method.quant_config, method.input_dtype, method.experts_cls = AutoGPTQConfig.from_config(GPTQ_W4), None, None
+    for E, H, I in ((4, 256, 128), (3, 2048, 768)):
+        layer = torch.nn.Module()
+        method.create_weights(layer, E, H, I, torch.bfloat16, intermediate_size_full=I, weight_loader=None)
+        got = sum(p.numel() * p.element_size() for p in layer.parameters())
+        assert expert_bytes({"layers": 1, "experts": E, "hidden": H, "inter": I}, "gptq_w4") == got
+
+
+def test_dummy_load_reaches_the_offload_arena(vllm_cpu):
+    """``--load-format dummy`` with the bench's offload plan: ``process_weights_after_loading`` fills the flat
+    tensors with random codes and writes them into the host arena (no checkpoint), and the offloaded layers run."""
+    from vllm.model_executor.layers.fused_moe import FusedMoE
+    from vllm.config import set_current_vllm_config
+
+    from mxserve.cli.bench import mxmoe_plan
+    from mxserve.config import MxMoEConfig
+    from mxserve.scheduler.layout import BASE
+    from mxserve.vllm_plugin.offload_method import OffloadMoEMethod
+    from mxserve.vllm_plugin.quant_config import MxMoEQuantConfig
+    E, H, I, K, T = 8, 128, 128, 2, 5
+    plan = mxmoe_plan("mxmoe_w4_off25", layers=2, experts=E)
+    plan["experts"] = {f"model.layers.{900 + l}.mlp.experts": p for l, p in enumerate(plan["experts"].values())}
+    plan["modules"] = {}
+    qc = MxMoEQuantConfig(MxMoEConfig.from_dict(plan))
+    fmt = vllm_cpu.load_config.load_format
+    vllm_cpu.load_config.load_format = "dummy"
+    try:
+        with set_current_vllm_config(vllm_cpu):
+            layers = [FusedMoE(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I, params_dtype=torch.float32,
+                               quant_config=qc, prefix=p) for p in plan["experts"]]
+            for m in layers:
+                re_ = m.routed_experts
+                assert type(re_.quant_method) is OffloadMoEMethod
+                re_.quant_method.process_weights_after_loading(re_)      # no load_weights: dummy
+    finally:
+        vllm_cpu.load_config.load_format = fmt
+    cache = qc.offload_runtime().cache
+    qw = cache.arena.blob(1, E - 1, BASE)
+    assert qw.float().std() > 30          # random bytes (uniform 0..255: std ~74), not an empty arena
+    assert not torch.equal(cache.arena.blob(0, 0, BASE), cache.arena.blob(1, E - 1, BASE))
+    g = torch.Generator().manual_seed(0)
+    for l, m in enumerate(layers):
+        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(torch.int32)
+        y = m.routed_experts.quant_method.apply(m.routed_experts, torch.randn(T, H, generator=g),
+                                                torch.rand(T, K, generator=g), ids, None, None)
+        assert y.shape == (T, H) and torch.isfinite(y).all() and y.abs().sum() > 0
+    assert cache.snapshot()["expert_cache_hits"] + cache.snapshot()["expert_cache_misses"] > 0
