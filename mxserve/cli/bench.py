@@ -549,8 +549,11 @@ def run(a) -> int:
     dirs = write_model_dirs(a.preset, a.layers, a.out, variants)
     planned = variant_timeout(a)
     if a.dry_run:
+        geos = {v: geometry(json.load(open(os.path.join(dirs[v], "config.json")))) for v in variants}
         print(json.dumps({"dirs": dirs, "variant_timeout_s": round(planned), "total_s": round(planned * len(variants)),
-                          "startup_allowance_s": estimate_startup_s(a.layers)}, indent=1))
+                          "startup_allowance_s": estimate_startup_s(a.layers),
+                          "expert_memory": {v: expert_memory(geos[v], v) for v in variants},
+                          "engine_json": {v: engine_json(v, a.engine_json, geos[v]) for v in variants}}, indent=1))
         return 0
     results = []
     batch_sizes = [int(x) for x in a.batch_sizes.split(",")]
