@@ -264,3 +264,22 @@ def test_e2e_run_measures_pinned_first_and_merges_offload_calls(tmp_path, monkey
                                              "--variants", "mxmoe_w4_off25", "--runner", "vllm-bench"])
     with pytest.raises(ValueError, match="--runner engine"):
         args.func(args)
+
+
+def test_stats_reader_uses_worker_rpc_and_survives_a_failure(capsys):
+    from mxserve.vllm_plugin.bench_runner import _stats_reader
+    calls = []
+
+    class LLM:
+        def __init__(self, fail):
+            self.fail = fail
+
+        def collective_rpc(self, method):
+            calls.append(method)
+            if self.fail:
+                raise RuntimeError("no such method")
+            return [{"hits": 1}, {"hits": 2}]
+    assert _stats_reader(LLM(False))() == {"hits": 1} and calls == ["mxserve_offload_stats"]
+    read = _stats_reader(LLM(True))
+    assert read() is None and read() is None and len(calls) == 2      # one failed call, then no more RPCs
+    assert "offload counters unavailable" in capsys.readouterr().out
