@@ -393,7 +393,8 @@ def targets(results: list[dict], batch_sizes: list[int]) -> dict:
     if mix and bf:
         out["mxmoe_mix25_weights_vs_bf16"] = {"value": mix / bf, "target": 0.3, "ok": mix / bf <= 0.3}
     # issue 7: 25% of the expert bytes on the GPU, batch-32 decode: >= 0.5x all-resident W4, >= 3x vLLM's offload
-    b32 = lambda v: by.get(v, {}).get("throughput", {}).get(32)  # noqa: E731
+    def b32(v: str) -> float | None:
+        return by.get(v, {}).get("throughput", {}).get(32)
     off = b32("mxmoe_w4_off25")
     for key, ref, need in (("mxmoe_w4_off25_vs_resident_b32", "mxmoe_w4", 0.5),
                            ("mxmoe_w4_off25_vs_vllm_cpuoff25_b32", "gptq_w4_cpuoff25", 3.0)):
@@ -510,10 +511,10 @@ def measure_pinned_gbps(gib: float, timeout: float = 180.0) -> dict:
     code = ("import json; from mxserve.scheduler.bench import pinned_bandwidth; "
             f"print('PINNED', json.dumps(pinned_bandwidth(int({gib} * (1 << 30)))))")
     try:
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {"pinned_error": f"timeout after {timeout:.0f}s"}
-    m = re.search(r"^PINNED ([\d.eE+-]+)$", p.stdout, re.M)
+    m = re.search(r"^PINNED ([\d.eE+-]+)$", p.stdout, re.MULTILINE)
     if p.returncode != 0 or not m:
         return {"pinned_error": f"rc={p.returncode}: " + (p.stderr or p.stdout)[-1000:]}
     return {"pinned_gbps": float(m.group(1)), "pinned_gib": gib}
@@ -549,7 +550,10 @@ def run(a) -> int:
     dirs = write_model_dirs(a.preset, a.layers, a.out, variants)
     planned = variant_timeout(a)
     if a.dry_run:
-        geos = {v: geometry(json.load(open(os.path.join(dirs[v], "config.json")))) for v in variants}
+        geos = {}
+        for v in variants:
+            with open(os.path.join(dirs[v], "config.json")) as f:
+                geos[v] = geometry(json.load(f))
         print(json.dumps({"dirs": dirs, "variant_timeout_s": round(planned), "total_s": round(planned * len(variants)),
                           "startup_allowance_s": estimate_startup_s(a.layers),
                           "expert_memory": {v: expert_memory(geos[v], v) for v in variants},

@@ -210,7 +210,10 @@ def test_deadline_skips_variants_that_cannot_start(tmp_path, monkeypatch):
 def test_gptq_expert_bytes_match_vllm_create_weights(vllm_cpu):
     """``bench.expert_bytes(geo, "gptq_w4")`` (what ``--cpu-offload-gb`` is computed from) == the bytes of the
     parameters vLLM's GPTQ(-Marlin) MoE method creates (which its UVA offloader counts), for the bench's config."""
-    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig, AutoGPTQMoEMethod
+    from vllm.model_executor.layers.quantization.auto_gptq import (
+        AutoGPTQConfig,
+        AutoGPTQMoEMethod,
+    )
 
     from mxserve.cli.bench import GPTQ_W4, expert_bytes
     method = object.__new__(AutoGPTQMoEMethod)          # create_weights reads only these attributes
@@ -225,8 +228,8 @@ def test_gptq_expert_bytes_match_vllm_create_weights(vllm_cpu):
 def test_dummy_load_reaches_the_offload_arena(vllm_cpu):
     """``--load-format dummy`` with the bench's offload plan: ``process_weights_after_loading`` fills the flat
     tensors with random codes and writes them into the host arena (no checkpoint), and the offloaded layers run."""
-    from vllm.model_executor.layers.fused_moe import FusedMoE
     from vllm.config import set_current_vllm_config
+    from vllm.model_executor.layers.fused_moe import FusedMoE
 
     from mxserve.cli.bench import mxmoe_plan
     from mxserve.config import MxMoEConfig

@@ -76,11 +76,11 @@ def test_model_dirs_share_the_peer_directories(tmp_path, monkeypatch):
     """bf16_cpuoff25 runs on the plain directory, gptq_w4_cpuoff25 on GPTQ's; each offload budget gets its own."""
     from mxserve.models import corpus, tokenizer
     monkeypatch.setattr(corpus, "read_corpus", lambda max_bytes: ("hello world " * 50, None))
-    monkeypatch.setattr(tokenizer, "train_tokenizer", lambda text, n, d: open(f"{d}/tokenizer.json", "w").write("{}"))
+    monkeypatch.setattr(tokenizer, "train_tokenizer", lambda text, n, d: (tmp_path / "bf16" / "tokenizer.json").write_text("{}"))
     vs = ["bf16_cpuoff25", "gptq_w4_cpuoff25", "mxmoe_w4_off25", "mxmoe_w4_off50"]
     dirs = bench.write_model_dirs("qwen3-30b-a3b", 2, str(tmp_path), vs)
     assert dirs["bf16_cpuoff25"] == str(tmp_path / "bf16") and dirs["gptq_w4_cpuoff25"] == str(tmp_path / "gptq_w4")
-    c = {v: json.load(open(f"{dirs[v]}/config.json")) for v in vs}
+    c = {v: json.loads((tmp_path / dirs[v] / "config.json").read_text()) for v in vs}
     assert "quantization_config" not in c["bf16_cpuoff25"]
     assert c["gptq_w4_cpuoff25"]["quantization_config"]["quant_method"] == "gptq"
     assert c["mxmoe_w4_off25"]["quantization_config"]["offload"]["gpu_budget_fraction"] == 0.25
