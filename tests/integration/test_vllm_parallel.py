@@ -11,7 +11,14 @@ pytestmark = [pytest.mark.gpu,
                                  reason="needs 2 GPUs (nvidia-h200-x2)")]
 
 PARALLEL_AGREE_MIN = 0.9  # TP/EP vs 1 GPU greedy agreement (bf16 reduction order differs)
-ARGS = ["-q", "mxmoe", "--max-model-len", "512", "--gpu-memory-utilization", "0.12", "--max-num-seqs", "16"]
+# The device hosts have NVLink multicast switched off (KINDS.md); vLLM 0.26's default TP allreduce+RMSNorm fusion
+# auto-selects FlashInfer's "mnnvl" backend, which needs multicast: on 2026-11-22 the TP2 server died in its profile
+# run with an illegal memory access right after "Initialized FlashInfer Allreduce norm fusion workspace with
+# backend=mnnvl". So the fusion is off and the backend pinned to trtllm here (not a plugin requirement).
+NO_MNNVL = ["--compilation-config", '{"pass_config": {"fuse_allreduce_rms": false}}']
+NO_MNNVL_ENV = {"VLLM_FLASHINFER_ALLREDUCE_BACKEND": "trtllm"}
+ARGS = ["-q", "mxmoe", "--max-model-len", "512", "--gpu-memory-utilization", "0.12", "--max-num-seqs", "16",
+        *NO_MNNVL]
 PROMPTS = ["import os\n", "def main(", "class Foo:\n", "for i in range("]
 
 
@@ -40,9 +47,9 @@ def _greedy(srv) -> list[str]:
 def test_tp2_and_ep_match_single_gpu(ckpts, tmp_path):
     from mxserve.vllm_plugin.server import VllmServer
     outs = {}
-    for name, extra, env in (("tp1", [], {"CUDA_VISIBLE_DEVICES": "0"}),
-                             ("tp2", ["--tensor-parallel-size", "2"], {}),
-                             ("ep2", ["--tensor-parallel-size", "2", "--enable-expert-parallel"], {})):
+    for name, extra, env in (("tp1", [], {"CUDA_VISIBLE_DEVICES": "0", **NO_MNNVL_ENV}),
+                             ("tp2", ["--tensor-parallel-size", "2"], NO_MNNVL_ENV),
+                             ("ep2", ["--tensor-parallel-size", "2", "--enable-expert-parallel"], NO_MNNVL_ENV)):
         with VllmServer(ckpts["g64"], ARGS + extra, log_dir=str(tmp_path), env=env) as srv:
             outs[name] = _greedy(srv)
     for name in ("tp2", "ep2"):
@@ -53,7 +60,8 @@ def test_tp2_and_ep_match_single_gpu(ckpts, tmp_path):
 
 def test_group_size_not_dividing_inter_per_rank_errors(ckpts, tmp_path):
     from mxserve.vllm_plugin.server import VllmServer
-    srv = VllmServer(ckpts["g128"], ARGS + ["--tensor-parallel-size", "2"], log_dir=str(tmp_path)).start()
+    srv = VllmServer(ckpts["g128"], ARGS + ["--tensor-parallel-size", "2"], log_dir=str(tmp_path),
+                     env=NO_MNNVL_ENV).start()
     rc = srv.wait_exit(300)
     log = srv.log_tail(400)
     srv.stop()
