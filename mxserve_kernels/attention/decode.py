@@ -18,6 +18,11 @@ _MIN_DOT = 16  # tl.dot needs every dim >= 16
 DEFAULT_BLOCK_N = 32  # H200 sweep (docs/results/2026-11-22_h200_session4.md): block 32 / 4 warps best in all 12 rows
 DEFAULT_NUM_WARPS = 4  # (at block 64, 4 warps spill for K4V2: 225-255 regs/thread; 8 warps were the old default)
 _TARGET_PROGRAMS_PER_SM = 8  # same sweep: ~8 programs per SM picks the best split count (or within 2 %)
+# Packed-split implementations: "unpack" = dequantize every element then dot (the session-4 kernel, any format);
+# "raw" = dot on the raw codes, scale/zero on the scores (2/4-bit and ternary K and V); "raw_asm" = "raw" with the
+# unpack in packed PTX (CUDA, bf16/fp16 q). None picks ``default_path``.
+PATHS = ("unpack", "raw", "raw_asm")
+_RAW_BITS = (2, 4, 1.5)
 
 
 def _tensor_constexprs(bits: float, group: int, d: int, pre: str) -> dict:
@@ -49,12 +54,35 @@ def auto_num_splits(batch: int, num_kv_heads: int, device: torch.device | None =
     return max(1, min(64, _pow2(int(want + 0.5))))
 
 
+def raw_supported(fmt: KVSlotFormat) -> bool:
+    """Whether the raw-code path handles ``fmt``: 2/4-bit or ternary K and V, V codes at an even byte offset."""
+    return fmt.k_bits in _RAW_BITS and fmt.v_bits in _RAW_BITS and fmt.v_off % 2 == 0
+
+
+def default_path(fmt: KVSlotFormat, q_dtype: torch.dtype, on_cuda: bool) -> str:
+    """"raw_asm" where it can run (CUDA, not interpreted, bf16/fp16 q, ``raw_supported``), else "unpack"."""
+    if on_cuda and not _interpret() and q_dtype in (torch.bfloat16, torch.float16) and raw_supported(fmt):
+        return "raw_asm"
+    return "unpack"
+
+
+def _check_path(path: str, fmt: KVSlotFormat, q: torch.Tensor) -> None:
+    if path not in PATHS:
+        raise ValueError(f"paged_decode_attention: path={path!r} not in {PATHS}")
+    if path != "unpack" and not raw_supported(fmt):
+        raise ValueError(f"paged_decode_attention: path={path!r} needs 2/4-bit or ternary K and V at an even "
+                         f"V offset, got {fmt.label} (v_off {fmt.v_off})")
+    if path == "raw_asm" and (_interpret() or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16)):
+        raise ValueError(f"paged_decode_attention: path='raw_asm' needs CUDA (not TRITON_INTERPRET) and bf16/fp16 "
+                         f"q, got {q.dtype} on {q.device}")
+
+
 def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, pk_lo: torch.Tensor,
                            pk_hi: torch.Tensor, fp_k: torch.Tensor, fp_v: torch.Tensor, fp_len: torch.Tensor,
                            fmt: KVSlotFormat, scale: float, k_perm: torch.Tensor | None = None,
                            v_perm: torch.Tensor | None = None, num_splits: int | None = None,
                            block_n: int = DEFAULT_BLOCK_N, out: torch.Tensor | None = None,
-                           num_warps: int = DEFAULT_NUM_WARPS) -> torch.Tensor:
+                           num_warps: int = DEFAULT_NUM_WARPS, path: str | None = None) -> torch.Tensor:
     """out[b] = softmax(q[b] . [K_packed[pk_lo:pk_hi]; fp_k[b,:fp_len]] * scale) @ [V_packed; fp_v].
 
     Args:
@@ -65,6 +93,7 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: to
         num_splits: split-K programs per (request, kv head) over the packed range (None: ``auto_num_splits``,
             a function of B and H only); block_n: tokens per tile (rounded up to a power of two >= 16); num_warps: per program.
         out: optional [B, Hq, D] output buffer (any float dtype, last dim contiguous).
+        path: packed-split implementation, one of ``PATHS`` (None: ``default_path``); ignored on the CPU reference.
     Returns:
         [B, Hq, D] in q's dtype (fp32 on the reference path when q is fp32), or ``out``.
     """
@@ -83,6 +112,8 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: to
         return res
     if fp_k.stride(-1) != 1 or fp_v.stride() != fp_k.stride() or q.stride(-1) != 1:
         raise ValueError("paged_decode_attention: q / fp_k / fp_v need a contiguous last dim and equal fp strides")
+    path = path if path is not None else default_path(fmt, q.dtype, q.is_cuda)
+    _check_path(path, fmt, q)
     bn = max(_pow2(block_n), _MIN_DOT)
     ns = num_splits if num_splits is not None else auto_num_splits(b, h, q.device)
     if ns < 1:
@@ -109,7 +140,7 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: to
         HAS_KPERM=k_perm is not None, HAS_VPERM=v_perm is not None, QG=qg, QGP=max(_pow2(qg), _MIN_DOT),
         D=d, DP=max(_pow2(d), _MIN_DOT), BN=bn, FBN=_MIN_DOT, DOT_IEEE=q.dtype == torch.float32,
         K_OFF=fmt.k_off, V_OFF=fmt.v_off, KM_OFF=fmt.k_meta_off, VM_OFF=fmt.v_meta_off, **_kernel_constexprs(fmt),
-        num_warps=num_warps)
+        RAW=path != "unpack", ASM=path == "raw_asm", num_warps=num_warps)
     merge_kernel[(b, hq)](o_part, lse, out, ns + 1, o_part.stride(0), o_part.stride(1), o_part.stride(2),
                           lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
                           D=d, DP=_pow2(d), SP=_pow2(ns + 1), num_warps=1 if d <= 128 else 2)

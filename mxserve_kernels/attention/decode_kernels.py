@@ -117,13 +117,24 @@ def _store_cols(o_ptr, orow, gmask, perm_ptr, hk, c, val, PM: tl.constexpr, S0: 
 
 
 @triton.jit
-def _load_tile(cache_ptr, meta_ptr, bt_ptr, bt_row, pos, valid, P, stride_cp, stride_ct, head_off,
+def _page_split(pos, P: tl.constexpr):
+    """(pos // P, pos % P) for pos >= 0: a shift and a mask when the page size P is a power of two (the signed
+    division costs ~5 integer ops per token and tile layout)."""
+    if (P & (P - 1)) == 0:
+        return pos >> (P.bit_length() - 1), pos & (P - 1)
+    else:
+        return pos // P, pos % P
+
+
+@triton.jit
+def _load_tile(cache_ptr, meta_ptr, bt_ptr, bt_row, pos, valid, P: tl.constexpr, stride_cp, stride_ct, head_off,
                K_OFF: tl.constexpr, V_OFF: tl.constexpr, KM_OFF: tl.constexpr, VM_OFF: tl.constexpr,
                KNB: tl.constexpr, KNBT: tl.constexpr, KMP: tl.constexpr, KNG: tl.constexpr,
                VNB: tl.constexpr, VNBT: tl.constexpr, VMP: tl.constexpr, VNG: tl.constexpr):
     """Raw packed tile of positions ``pos`` [BN]: K/V code bytes [BN, *NBT] uint8, K/V meta [BN, *MP] fp16."""
-    page = tl.load(bt_ptr + bt_row + pos // P, mask=valid, other=0).to(tl.int64)
-    base = page * stride_cp + (pos % P) * stride_ct + head_off  # int64 byte offset of each slot
+    pidx, pin = _page_split(pos, P)
+    page = tl.load(bt_ptr + bt_row + pidx, mask=valid, other=0).to(tl.int64)
+    base = page * stride_cp + pin * stride_ct + head_off  # int64 byte offset of each slot
     jk = tl.arange(0, KNBT)
     jv = tl.arange(0, VNBT)
     mk = tl.arange(0, KMP)
@@ -148,9 +159,18 @@ def _dot(a, b, DT: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _dot_acc(a, b, acc, DT: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a @ b (accumulated inside the MMA)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a.to(DT), b.to(DT), acc)
+
+
+@triton.jit
 def _packed_part(q_ptr, cache_ptr, meta_ptr, bt_ptr, lo_ptr, hi_ptr, kperm_ptr, vperm_ptr, o_ptr, lse_ptr,
-                 qscale, b, hk, s, ns, qrow, orow, lrow, gmask, stride_bt, stride_cp, stride_ct, stride_ch, P,
-                 HAS_KPERM: tl.constexpr, HAS_VPERM: tl.constexpr, QGP: tl.constexpr, D: tl.constexpr,
+                 qscale, b, hk, s, ns, qrow, orow, lrow, gmask, stride_bt, stride_cp, stride_ct, stride_ch,
+                 P: tl.constexpr, HAS_KPERM: tl.constexpr, HAS_VPERM: tl.constexpr, QGP: tl.constexpr, D: tl.constexpr,
                  BN: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
                  K_OFF: tl.constexpr, V_OFF: tl.constexpr, KM_OFF: tl.constexpr, VM_OFF: tl.constexpr,
                  KG: tl.constexpr, KNG: tl.constexpr, KNBG: tl.constexpr, KNB: tl.constexpr, KNBT: tl.constexpr,
@@ -219,6 +239,280 @@ def _packed_part(q_ptr, cache_ptr, meta_ptr, bt_ptr, lo_ptr, hi_ptr, kperm_ptr, 
     tl.store(lse_ptr + lrow, lse, mask=gmask)
 
 
+# ---- raw-code path: dot on the codes, scale/zero applied on the [QGP, BN] scores and the V row sums --------------
+# Codes become "1 + c / 2^CB" floats (CB = 2 for 2-bit and ternary, 4 for 4-bit: the code sits in the top mantissa
+# bits of 1.0), exact in bf16/fp16/fp32. With sc' = sc * 2^CB, k = sc' * (val - 1) + zr, so per group g
+#   score = sum_g sc'_g * (q_g . val_g) + (zr_g - sc'_g) * sum(q_g)      (q_g: q on the columns of group g)
+#   out   = sum_n r_n val_{n,d} + sum_n (p_n zr_{n,g} - r_n),  r_n = DT(p_n sc'_{n,g})
+# (the offset is removed with the same rounded r_n the dot saw, so only r_n's rounding times val - 1 = c / 2^CB
+# remains, as in the unpack path) and no per-element FMA / conversion is left: on sm90 the unpack is packed PTX
+# (``_raw_asm``), 2 codes per op.
+def _raw_asm(bits: float, f16: bool) -> str:
+    """PTX body turning one 16-bit half-word of a slot's code bytes (b0 = low byte, b1 = high byte) into packed
+    "1 + c / 2^CB" pairs. Operands: outputs ``$0 .. $(n-1)`` (16-bit: bf16, or fp16 when ``f16``), then the half.
+    Output k holds byte ``k // PM``'s sub-code ``k % PM`` (PM = codes per byte in the main tile: 4 for 2-bit and
+    ternary digits 0..3, 2 for 4-bit); ternary adds $8 / $9 = digit 4 of b0 / b1. n = 8 (2-bit), 4 (4-bit), 10.
+
+    ``prmt`` puts b0 and b1 in the low bits of the two 16-bit lanes; 2/4-bit: per sub-code one shift aligns both
+    lanes' codes with the top mantissa bits and one ``lop3`` ((x & mask) | 1.0 pair) makes the pair. Ternary, per
+    digit on both lanes at once: q' = ((q * 171) >> 9) & 0x7f = q // 3 (exact for q < 256, product < 2^16 so the
+    lanes never carry), t = q - 3 q' (no lane borrows), out = t * 2^TS + 1.0 (one mad)."""
+    mant = 10 if f16 else 7
+    one = 0x3C00 if f16 else 0x3F80
+    cb = 4 if bits == 4 else 2
+    ts = mant - cb  # code bits land at [ts, ts + cb)
+    pair = f"0x{one:04x}{one:04x}"
+    n = 10 if bits == 1.5 else (8 if bits == 2 else 4)
+    lines = ["{", ".reg .b32 w, x, t, q, r;", f"mov.b32 w, {{${n}, ${n}}};", "prmt.b32 x, w, 0, 0x4140;"]
+    if bits == 1.5:
+        lines.append("mov.b32 q, x;")
+        for d in range(5):
+            if d < 4:
+                lines += ["mul.lo.u32 r, q, 171;", "shr.u32 r, r, 9;", "and.b32 r, r, 0x007f007f;",
+                          "mad.lo.u32 t, r, 0xfffffffd, q;", f"mad.lo.u32 t, t, {1 << ts}, {pair};",
+                          f"mov.b32 {{${d}, ${d + 4}}}, t;", "mov.b32 q, r;"]
+            else:
+                lines += [f"mad.lo.u32 t, q, {1 << ts}, {pair};", "mov.b32 {$8, $9}, t;"]
+    else:
+        b = int(bits)
+        pm = 8 // b
+        mask = ((1 << b) - 1) << ts
+        for s in range(pm):
+            sh = ts - b * s
+            op = f"shl.b32 t, x, {sh};" if sh > 0 else (f"shr.u32 t, x, {-sh};" if sh < 0 else "mov.b32 t, x;")
+            lines += [op, f"lop3.b32 t, t, 0x{mask:04x}{mask:04x}, {pair}, 0xea;", f"mov.b32 {{${s}, ${s + pm}}}, t;"]
+    return "\n".join(lines + ["}"])
+
+
+_RAW2_BF16 = tl.constexpr(_raw_asm(2, False))
+_RAW4_BF16 = tl.constexpr(_raw_asm(4, False))
+_RAWT_BF16 = tl.constexpr(_raw_asm(1.5, False))
+_RAW2_F16 = tl.constexpr(_raw_asm(2, True))
+_RAW4_F16 = tl.constexpr(_raw_asm(4, True))
+_RAWT_F16 = tl.constexpr(_raw_asm(1.5, True))
+_BF16X4 = tl.constexpr((tl.bfloat16,) * 4)
+_BF16X8 = tl.constexpr((tl.bfloat16,) * 8)
+_BF16X10 = tl.constexpr((tl.bfloat16,) * 10)
+_F16X4 = tl.constexpr((tl.float16,) * 4)
+_F16X8 = tl.constexpr((tl.float16,) * 8)
+_F16X10 = tl.constexpr((tl.float16,) * 10)
+
+
+@triton.jit
+def _raw_val(code, CB: tl.constexpr, DT: tl.constexpr):
+    """Integer code -> 1 + code / 2^CB in DT (the portable twin of ``_raw_asm``; exact)."""
+    return (_i2f(code) * (1.0 / (1 << CB)) + 1.0).to(DT)
+
+
+@triton.jit
+def _cat4(o0, o1, o2, o3, BN: tl.constexpr, N: tl.constexpr):
+    """4 tensors [BN, N] -> [BN, 4N], column 4i + k = o_k[:, i]."""
+    return tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), [BN, N * 4])
+
+
+@triton.jit
+def _cat8(o0, o1, o2, o3, o4, o5, o6, o7, BN: tl.constexpr, N: tl.constexpr):
+    """8 tensors [BN, N] -> [BN, 8N], column 8i + k = o_k[:, i]."""
+    return tl.reshape(tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7))),
+                      [BN, N * 8])
+
+
+@triton.jit
+def _raw_tile(h, BN: tl.constexpr, NHT: tl.constexpr, BITS: tl.constexpr, TERN: tl.constexpr, QMAX: tl.constexpr,
+              CB: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr, F16: tl.constexpr):
+    """Half-words [BN, NHT] int16 -> main [BN, 2*NHT*PM] and extra [BN, 2*NHT] (ternary digit 4; else a copy of
+    main's first columns, unused) of "1 + c / 2^CB" values in DT. Column j*PM + s (extra: j) = byte j's sub-code s,
+    the ``_col_map`` order of the unpack path. ASM: ``_raw_asm`` PTX (sm80+, bf16/fp16 only)."""
+    if ASM:
+        if TERN:
+            o0, o1, o2, o3, o4, o5, o6, o7, o8, o9 = tl.inline_asm_elementwise(
+                asm=_RAWT_F16 if F16 else _RAWT_BF16, constraints="=h," * 10 + "h", args=[h],
+                dtype=_F16X10 if F16 else _BF16X10, is_pure=True, pack=1)
+            main = _cat8(o0, o1, o2, o3, o4, o5, o6, o7, BN, NHT)
+            extra = tl.reshape(tl.join(o8, o9), [BN, NHT * 2])
+        elif BITS == 2:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                asm=_RAW2_F16 if F16 else _RAW2_BF16, constraints="=h," * 8 + "h", args=[h],
+                dtype=_F16X8 if F16 else _BF16X8, is_pure=True, pack=1)
+            main = _cat8(o0, o1, o2, o3, o4, o5, o6, o7, BN, NHT)
+            extra = tl.reshape(tl.join(o0, o1), [BN, NHT * 2])
+        else:
+            o0, o1, o2, o3 = tl.inline_asm_elementwise(
+                asm=_RAW4_F16 if F16 else _RAW4_BF16, constraints="=h," * 4 + "h", args=[h],
+                dtype=_F16X4 if F16 else _BF16X4, is_pure=True, pack=1)
+            main = _cat4(o0, o1, o2, o3, BN, NHT)
+            extra = tl.reshape(tl.join(o0, o1), [BN, NHT * 2])
+    else:
+        w = h.to(tl.int32) & 0xFFFF
+        b0 = w & 0xFF
+        b1 = w >> 8
+        if TERN or BITS == 2:
+            main = _cat8(_raw_val(_digit(b0, 0, BITS, TERN, QMAX), CB, DT), _raw_val(_digit(b0, 1, BITS, TERN, QMAX), CB, DT),
+                         _raw_val(_digit(b0, 2, BITS, TERN, QMAX), CB, DT), _raw_val(_digit(b0, 3, BITS, TERN, QMAX), CB, DT),
+                         _raw_val(_digit(b1, 0, BITS, TERN, QMAX), CB, DT), _raw_val(_digit(b1, 1, BITS, TERN, QMAX), CB, DT),
+                         _raw_val(_digit(b1, 2, BITS, TERN, QMAX), CB, DT), _raw_val(_digit(b1, 3, BITS, TERN, QMAX), CB, DT),
+                         BN, NHT)
+        else:
+            main = _cat4(_raw_val(_digit(b0, 0, BITS, TERN, QMAX), CB, DT), _raw_val(_digit(b0, 1, BITS, TERN, QMAX), CB, DT),
+                         _raw_val(_digit(b1, 0, BITS, TERN, QMAX), CB, DT), _raw_val(_digit(b1, 1, BITS, TERN, QMAX), CB, DT),
+                         BN, NHT)
+        extra = tl.reshape(tl.join(_raw_val(_digit(b0, 4, BITS, TERN, QMAX), CB, DT),
+                                   _raw_val(_digit(b1, 4, BITS, TERN, QMAX), CB, DT)), [BN, NHT * 2])
+    return main, extra
+
+
+@triton.jit
+def _load_raw(meta_ptr, bt_ptr, bt_row, pos, valid, P: tl.constexpr, stride_cp, stride_ct, head_off,
+              K_OFF: tl.constexpr, V_OFF: tl.constexpr, KM_OFF: tl.constexpr, VM_OFF: tl.constexpr,
+              KNB: tl.constexpr, KNBT: tl.constexpr, KMP: tl.constexpr, KNG: tl.constexpr,
+              VNB: tl.constexpr, VNBT: tl.constexpr, VMP: tl.constexpr, VNG: tl.constexpr):
+    """``_load_tile`` in 16-bit words (the slot and the K/V code offsets are even): K/V code halves [BN, *NBT/2]
+    int16 (through the fp16 view), K/V meta [BN, *MP] fp16."""
+    pidx, pin = _page_split(pos, P)
+    page = tl.load(bt_ptr + bt_row + pidx, mask=valid, other=0).to(tl.int64)
+    half = (page * stride_cp + pin * stride_ct + head_off) >> 1
+    jk = tl.arange(0, KNBT // 2)
+    jv = tl.arange(0, VNBT // 2)
+    mk = tl.arange(0, KMP)
+    mv = tl.arange(0, VMP)
+    vm2 = valid[:, None]
+    kh = tl.load(meta_ptr + half[:, None] + (K_OFF // 2 + jk)[None, :], mask=vm2 & (2 * jk < KNB)[None, :],
+                 other=0.0).to(tl.int16, bitcast=True)
+    vh = tl.load(meta_ptr + half[:, None] + (V_OFF // 2 + jv)[None, :], mask=vm2 & (2 * jv < VNB)[None, :],
+                 other=0.0).to(tl.int16, bitcast=True)
+    km = tl.load(meta_ptr + half[:, None] + (KM_OFF // 2 + mk)[None, :], mask=vm2 & (mk < 2 * KNG)[None, :],
+                 other=0.0)
+    vmt = tl.load(meta_ptr + half[:, None] + (VM_OFF // 2 + mv)[None, :], mask=vm2 & (mv < 2 * VNG)[None, :],
+                  other=0.0)
+    return kh, vh, km, vmt
+
+
+@triton.jit
+def _meta_g(m, mc, g: tl.constexpr, SCF: tl.constexpr):
+    """Meta tile [BN, MP] fp32 -> (sc' = scale * SCF, zero) of group g, [BN] each."""
+    s = tl.sum(tl.where(mc[None, :] == 2 * g, m, 0.0), axis=1) * SCF
+    return s, tl.sum(tl.where(mc[None, :] == 2 * g + 1, m, 0.0), axis=1)
+
+
+@triton.jit
+def _col_grp(c, PM: tl.constexpr, NBG: tl.constexpr):
+    """Group of column c (byte c // PM)."""
+    return (c // PM) // NBG
+
+
+@triton.jit
+def _packed_part_raw(q_ptr, meta_ptr, bt_ptr, lo_ptr, hi_ptr, kperm_ptr, vperm_ptr, o_ptr, lse_ptr,
+                     qscale, b, hk, s, ns, qrow, orow, lrow, gmask, stride_bt, stride_cp, stride_ct, stride_ch,
+                     P: tl.constexpr, HAS_KPERM: tl.constexpr, HAS_VPERM: tl.constexpr, QGP: tl.constexpr, D: tl.constexpr,
+                     BN: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr, F16: tl.constexpr,
+                     K_OFF: tl.constexpr, V_OFF: tl.constexpr, KM_OFF: tl.constexpr, VM_OFF: tl.constexpr,
+                     KG: tl.constexpr, KNG: tl.constexpr, KNBG: tl.constexpr, KNB: tl.constexpr, KNBT: tl.constexpr,
+                     KPER: tl.constexpr, KPM: tl.constexpr, KMP: tl.constexpr, KBITS: tl.constexpr,
+                     KTERN: tl.constexpr, KQMAX: tl.constexpr,
+                     VG: tl.constexpr, VNG: tl.constexpr, VNBG: tl.constexpr, VNB: tl.constexpr, VNBT: tl.constexpr,
+                     VPER: tl.constexpr, VPM: tl.constexpr, VMP: tl.constexpr, VBITS: tl.constexpr,
+                     VTERN: tl.constexpr, VQMAX: tl.constexpr):
+    """``_packed_part`` with the dot on raw codes (see ``_raw_asm``): same split, prefetch, softmax and outputs."""
+    KCB: tl.constexpr = 4 if KBITS == 4 else 2
+    VCB: tl.constexpr = 4 if VBITS == 4 else 2
+    lo = tl.load(lo_ptr + b).to(tl.int32)
+    hi = tl.load(hi_ptr + b).to(tl.int32)
+    per = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), ns), BN) * BN
+    start = lo + s * per
+    end = tl.minimum(start + per, hi)
+    ck = tl.arange(0, KNBT * KPM)
+    cx = tl.arange(0, KNBT)
+    qk = (_q_cols(q_ptr, qrow, gmask, kperm_ptr, hk, ck, KPM, 0, KG, KNBG, KNB, KPER, D, HAS_KPERM) * qscale).to(DT)
+    if KTERN:
+        qx = (_q_cols(q_ptr, qrow, gmask, kperm_ptr, hk, cx, 1, 4, KG, KNBG, KNB, KPER, D, HAS_KPERM)
+              * qscale).to(DT)
+    else:
+        qx = tl.zeros([QGP, KNBT], DT)
+    gk = _col_grp(ck, KPM, KNBG)[None, :]
+    gx = _col_grp(cx, 1, KNBG)[None, :]
+    mk = tl.arange(0, KMP)
+    mv = tl.arange(0, VMP)
+    # per-group q sums (of the DT-rounded q the dots see), column g of [QGP, KMP]
+    qs = tl.zeros([QGP, KMP], tl.float32)
+    for g in tl.static_range(KNG):
+        qsg = tl.sum(tl.where(gk == g, qk.to(tl.float32), 0.0), axis=1)
+        if KTERN:
+            qsg += tl.sum(tl.where(gx == g, qx.to(tl.float32), 0.0), axis=1)
+        qs = tl.where(mk[None, :] == g, qsg[:, None], qs)
+    m_i = tl.full([QGP], float("-inf"), tl.float32)
+    l_i = tl.zeros([QGP], tl.float32)
+    acc = tl.zeros([QGP, VNBT * VPM], tl.float32)
+    accx = tl.zeros([QGP, VNBT], tl.float32)
+    zt = tl.zeros([QGP, VMP], tl.float32)  # column g: sum_n p_n zr_{n,g} - rnd(p_n sc'_{n,g})
+    cv = tl.arange(0, VNBT * VPM)
+    gv = _col_grp(cv, VPM, VNBG)[None, :]
+    gvx = _col_grp(tl.arange(0, VNBT), 1, VNBG)[None, :]
+    n_offs = tl.arange(0, BN)
+    bt_row = b * stride_bt
+    head_off = hk * stride_ch
+    pos = start + n_offs
+    kh, vh, km, vm = _load_raw(meta_ptr, bt_ptr, bt_row, pos, pos < end, P, stride_cp, stride_ct, head_off,
+                               K_OFF, V_OFF, KM_OFF, VM_OFF, KNB, KNBT, KMP, KNG, VNB, VNBT, VMP, VNG)
+    for n0 in range(start, end, BN):
+        valid = n0 + n_offs < end
+        npos = n0 + BN + n_offs
+        kh2, vh2, km2, vm2 = _load_raw(meta_ptr, bt_ptr, bt_row, npos, npos < end, P, stride_cp, stride_ct,
+                                       head_off, K_OFF, V_OFF, KM_OFF, VM_OFF, KNB, KNBT, KMP, KNG, VNB, VNBT, VMP,
+                                       VNG)
+        kmf = km.to(tl.float32)
+        kmain, kext = _raw_tile(kh, BN, KNBT // 2, KBITS, KTERN, KQMAX, KCB, DT, ASM, F16)
+        sc = tl.zeros([QGP, BN], tl.float32)
+        for g in tl.static_range(KNG):
+            ksc, kzr = _meta_g(kmf, mk, g, 1 << KCB)
+            if KNG == 1:
+                sg = _dot(qk, tl.trans(kmain), DT, IEEE)
+            else:
+                sg = _dot(tl.where(gk == g, qk, 0.0).to(DT), tl.trans(kmain), DT, IEEE)
+            if KTERN:
+                sg += _dot(tl.where(gx == g, qx, 0.0).to(DT), tl.trans(kext), DT, IEEE)
+            qsg = tl.sum(tl.where(mk[None, :] == g, qs, 0.0), axis=1)
+            sc += sg * ksc[None, :] + qsg[:, None] * (kzr - ksc)[None, :]
+        sc = tl.where(valid[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vmf = vm.to(tl.float32)
+        vmain, vext = _raw_tile(vh, BN, VNBT // 2, VBITS, VTERN, VQMAX, VCB, DT, ASM, F16)
+        acc = acc * alpha[:, None]
+        accx = accx * alpha[:, None]
+        zt = zt * alpha[:, None]
+        for g in tl.static_range(VNG):
+            vsc, vzr = _meta_g(vmf, mv, g, 1 << VCB)
+            pv = (p * vsc[None, :]).to(DT)  # rounded once; the offset term below uses the same rounded values
+            if VNG == 1:
+                acc = _dot_acc(pv, vmain, acc, DT, IEEE)
+                if VTERN:
+                    accx = _dot_acc(pv, vext, accx, DT, IEEE)
+            else:
+                acc += tl.where(gv == g, _dot(pv, vmain, DT, IEEE), 0.0)
+                if VTERN:
+                    accx += tl.where(gvx == g, _dot(pv, vext, DT, IEEE), 0.0)
+            zt = tl.where(mv[None, :] == g, zt + tl.sum(p * vzr[None, :] - pv.to(tl.float32), axis=1)[:, None], zt)
+        m_i = m_new
+        kh, vh, km, vm = kh2, vh2, km2, vm2
+    has = l_i > 0
+    inv = 1.0 / tl.where(has, l_i, 1.0)
+    zc = tl.zeros([QGP, VNBT * VPM], tl.float32)
+    zcx = tl.zeros([QGP, VNBT], tl.float32)
+    for g in tl.static_range(VNG):
+        ztg = tl.sum(tl.where(mv[None, :] == g, zt, 0.0), axis=1)[:, None]
+        zc = tl.where(gv == g, ztg, zc)
+        zcx = tl.where(gvx == g, ztg, zcx)
+    _store_cols(o_ptr, orow, gmask, vperm_ptr, hk, cv, (acc + zc) * inv[:, None], VPM, 0,
+                VG, VNBG, VNB, VPER, D, HAS_VPERM)
+    if VTERN:
+        _store_cols(o_ptr, orow, gmask, vperm_ptr, hk, tl.arange(0, VNBT), (accx + zcx) * inv[:, None], 1, 4,
+                    VG, VNBG, VNB, VPER, D, HAS_VPERM)
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * LN2, float("-inf"))
+    tl.store(lse_ptr + lrow, lse, mask=gmask)
+
+
 @triton.jit
 def _fp_part(q_ptr, fpk_ptr, fpv_ptr, nf_ptr, o_ptr, lse_ptr, qscale, b, hk, qrow, orow, lrow, gmask,
              stride_fb, stride_ft, stride_fh, QGP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
@@ -257,7 +551,7 @@ def _fp_part(q_ptr, fpk_ptr, fpv_ptr, nf_ptr, o_ptr, lse_ptr, qscale, b, hk, qro
 @triton.jit
 def paged_decode_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lo_ptr, hi_ptr, fpk_ptr, fpv_ptr, nf_ptr,
                         kperm_ptr, vperm_ptr, o_ptr, lse_ptr, sm_scale, ns,
-                        stride_qb, stride_qh, stride_bt, stride_cp, stride_ct, stride_ch, P,
+                        stride_qb, stride_qh, stride_bt, stride_cp, stride_ct, stride_ch, P: tl.constexpr,
                         stride_fb, stride_ft, stride_fh, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                         HAS_KPERM: tl.constexpr, HAS_VPERM: tl.constexpr,
                         QG: tl.constexpr, QGP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
@@ -268,8 +562,11 @@ def paged_decode_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lo_ptr, hi_ptr, fpk_
                         KBITS: tl.constexpr, KTERN: tl.constexpr, KQMAX: tl.constexpr,
                         VG: tl.constexpr, VNG: tl.constexpr, VNBG: tl.constexpr, VNB: tl.constexpr,
                         VNBT: tl.constexpr, VPER: tl.constexpr, VPM: tl.constexpr, VMP: tl.constexpr,
-                        VBITS: tl.constexpr, VTERN: tl.constexpr, VQMAX: tl.constexpr):
+                        VBITS: tl.constexpr, VTERN: tl.constexpr, VQMAX: tl.constexpr,
+                        RAW: tl.constexpr = False, ASM: tl.constexpr = False):
     """One (request b, kv head hk, split s) program; s == ns is the fp segment. Writes o[b, hq, s, :], lse[b, hq, s].
+    RAW: packed splits dot on the raw codes (``_packed_part_raw``; 2/4-bit and ternary only, even K/V offsets);
+    ASM: its unpack in PTX (bf16/fp16 q on sm80+, never under the interpreter).
 
     Shapes: q [B, Hq, D]; cache [pages, P, H, slot] uint8 (meta = its fp16 view); bt [B, max_pages] int32;
     fp_k/fp_v [B, F, H, D]; o [B, Hq, ns + 1, D] fp32; lse [B, Hq, ns + 1] fp32.
@@ -285,10 +582,16 @@ def paged_decode_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lo_ptr, hi_ptr, fpk_
     lrow = b * stride_lb + hq * stride_lh + s
     qscale = sm_scale * LOG2E
     DT: tl.constexpr = tl.float32 if DOT_IEEE else q_ptr.dtype.element_ty
-    if s < ns:
+    if s < ns and RAW:
+        _packed_part_raw(q_ptr, meta_ptr, bt_ptr, lo_ptr, hi_ptr, kperm_ptr, vperm_ptr, o_ptr, lse_ptr,
+                         qscale, b, hk, s, ns, qrow, orow, lrow, gmask, stride_bt, stride_cp, stride_ct, stride_ch,
+                         P, HAS_KPERM, HAS_VPERM, QGP, D, BN, DT, DOT_IEEE, ASM, q_ptr.dtype.element_ty == tl.float16,
+                         K_OFF, V_OFF, KM_OFF, VM_OFF, KG, KNG, KNBG, KNB, KNBT, KPER, KPM, KMP, KBITS, KTERN, KQMAX,
+                         VG, VNG, VNBG, VNB, VNBT, VPER, VPM, VMP, VBITS, VTERN, VQMAX)
+    elif s < ns:
         _packed_part(q_ptr, cache_ptr, meta_ptr, bt_ptr, lo_ptr, hi_ptr, kperm_ptr, vperm_ptr, o_ptr, lse_ptr,
-                     qscale, b, hk, s, ns, qrow, orow, lrow, gmask, stride_bt, stride_cp, stride_ct, stride_ch, P,
-                     HAS_KPERM, HAS_VPERM, QGP, D, BN, DT, DOT_IEEE, K_OFF, V_OFF, KM_OFF, VM_OFF,
+                     qscale, b, hk, s, ns, qrow, orow, lrow, gmask, stride_bt, stride_cp, stride_ct, stride_ch,
+                     P, HAS_KPERM, HAS_VPERM, QGP, D, BN, DT, DOT_IEEE, K_OFF, V_OFF, KM_OFF, VM_OFF,
                      KG, KNG, KNBG, KNB, KNBT, KPER, KPM, KMP, KBITS, KTERN, KQMAX,
                      VG, VNG, VNBG, VNB, VNBT, VPER, VPM, VMP, VBITS, VTERN, VQMAX)
     else:

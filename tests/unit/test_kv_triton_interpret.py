@@ -14,7 +14,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-CASES = ["store", "decode", "decode_d48", "prefill"]
+CASES = ["store", "decode", "decode_d48", "decode_raw", "prefill"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -59,7 +59,9 @@ def _case_store():
     print("OK store")
 
 
-def _case_decode(formats=range(3)):
+def _case_decode(formats=range(3), path=None):
+    """Decode vs the reference; ``path`` = the packed-split implementation (None: the launcher's default, which is
+    "unpack" under the interpreter; "raw": dot on raw codes, the portable twin of the GPU's "raw_asm")."""
     import torch
     from mxserve_kernels.attention import decode, reference as R
     from mxserve_kernels.attention.kv_format import KVSlotFormat
@@ -67,6 +69,8 @@ def _case_decode(formats=range(3)):
     # (lens, H, Hq, P, block_n): a 1-token request, an empty packed range, lengths not multiple of P, GQA 3;
     # block_n 16 > P = 4 (tiles straddle pages, prefetch crosses page boundaries), 37 = 2 tiles + 5
     grid = [([1, 13, 0], 2, 6, 4, 4), ([9], 1, 1, 8, 4), ([37, 16, 5], 2, 4, 4, 16)]
+    if path == "raw":  # + a page size that is not a power of two (the // and % branch of _page_split)
+        grid = grid + [([23, 6], 2, 4, 6, 32)]
     for fi in formats:
         name, d, kb, vb, kg, vg = FORMATS[fi]
         fmt = KVSlotFormat(d, k_bits=kb, v_bits=vb, k_group=kg, v_group=vg)
@@ -89,14 +93,14 @@ def _case_decode(formats=range(3)):
             hi = torch.tensor(lens, dtype=torch.int32)
             perms = (kperm, vperm) if fi % 2 == 0 else (None, None)
             ref = R.paged_decode_attention(q, cache, pages, lo, hi, fk, fv, nf, fmt, 0.3, *perms)
-            for ns in (1, 3, None):
+            for ns in (1, 3, None) if path is None else (3,):  # raw: the split logic is shared, keep CI fast
                 out = decode.paged_decode_attention(q, cache, pages, lo, hi, fk, fv, nf, fmt, 0.3, *perms,
-                                                    num_splits=ns, block_n=bn)
+                                                    num_splits=ns, block_n=bn, path=path)
                 torch.testing.assert_close(out, ref, **ATTENTION[torch.float32], msg=f"{name} {lens} ns={ns}")
                 if b > 1:  # batched vs per-request
                     one = decode.paged_decode_attention(q[1:2], cache, pages[1:2], lo[1:2], hi[1:2], fk[1:2],
                                                         fv[1:2], nf[1:2], fmt, 0.3, *perms, num_splits=ns,
-                                                        block_n=bn)
+                                                        block_n=bn, path=path)
                     torch.testing.assert_close(out[1:2], one, **ATTENTION[torch.float32])
             if bn == 16:  # half q / fp tokens (the tensor-core dot path; the 3.6 interpreter's bf16 dot is broken,
                 # bf16 runs in tests/kernels), written into a caller's out buffer
@@ -105,10 +109,34 @@ def _case_decode(formats=range(3)):
                                                 0.3, *perms)
                 buf = torch.full_like(qb, float("nan"))
                 res = decode.paged_decode_attention(qb, cache, pages, lo, hi, fkb, fvb, nf, fmt, 0.3, *perms,
-                                                    num_splits=2, block_n=bn, out=buf)
+                                                    num_splits=2, block_n=bn, out=buf, path=path)
                 assert res is buf
                 torch.testing.assert_close(buf.float(), refb, **ATTENTION[torch.float16], msg=f"{name} fp16")
-    print("OK decode" + ("_d48" if 3 in formats else ""))
+    print("OK decode" + ("_d48" if 3 in formats and path is None else "") + ("_raw" if path else ""))
+
+
+def _case_decode_raw():
+    """The raw-code path on every format it supports (2/4-bit, ternary, 3 groups), and its refusals."""
+    import torch
+    from mxserve_kernels.attention import decode
+    from mxserve_kernels.attention.kv_format import KVSlotFormat
+    raw = [i for i, f in enumerate(FORMATS) if decode.raw_supported(KVSlotFormat(f[1], *f[2:]))]
+    assert raw == [0, 1, 3], raw  # K8V4 (8-bit codes do not fit the bf16 mantissa) stays on "unpack"
+    q = torch.zeros(1, 2, 16)
+    k8 = KVSlotFormat(16, k_bits=8, v_bits=4, k_group=16, v_group=8)
+    cache = torch.zeros(1, 4, 1, k8.slot_bytes, dtype=torch.uint8)
+    args = (q, cache, torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+            torch.ones(1, dtype=torch.int32), torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 1, 16),
+            torch.ones(1, dtype=torch.int32), k8, 0.3)
+    for path, want in (("raw", "K8V4"), ("raw_asm", "K8V4"), ("fast", "not in")):
+        try:
+            decode.paged_decode_attention(*args, path=path)
+        except ValueError as e:
+            assert want in str(e), str(e)
+        else:
+            raise AssertionError(f"path={path} on K8V4 did not raise")
+    assert decode.default_path(KVSlotFormat(64, 2, 1.5, 32, 64), torch.bfloat16, True) == "unpack"  # interpreted
+    _case_decode([0, 1, 3], path="raw")
 
 
 def _case_prefill():
@@ -139,4 +167,4 @@ def _case_prefill():
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     {"store": _case_store, "decode": _case_decode, "decode_d48": lambda: _case_decode([3]),
-     "prefill": _case_prefill}[sys.argv[1]]()
+     "decode_raw": _case_decode_raw, "prefill": _case_prefill}[sys.argv[1]]()
