@@ -29,11 +29,27 @@ QUICK_TOKENS = (1, 16, 64, 256, 1024, 8192)
 
 def candidates(rows_per_expert: float, quick: bool):
     """Launch configs to try for a regime (BLOCK_K = K extent of one tl.dot: code words per step for integers); at
-    decode and mid sizes every per-slot config also with ASM (packed-bf16 PTX dequant of 4-bit experts)."""
+    decode and mid sizes every per-slot config also with ASM (packed-bf16 PTX dequant of 4/2/3-bit experts), plus
+    the SWAP configs (weights as the register A operand of sm90 wgmma)."""
     for cfg in _base_candidates(rows_per_expert, quick):
         yield cfg
         if rows_per_expert <= 64 and not cfg.get("KT"):
             yield {**cfg, "ASM": 1}
+    if rows_per_expert <= 64:
+        yield from swap_candidates(rows_per_expert, quick)
+
+
+def swap_candidates(rows_per_expert: float, quick: bool):
+    """SWAP configs (``acc^T += W x^T``): BLOCK_N 64 per 4 warps (one wgmma M tile per warp group) or 128 with 8
+    warps, BLOCK_M 16 tokens (the wgmma N); at decode also split-K (few tiles in flight). Quick: ASM only."""
+    decode = rows_per_expert <= 4
+    for bm in ((16,) if decode else (16, 32)):
+        for bn, nw in ((64, 4), (128, 8)):
+            for bk in ((16, 32) if decode else (16,)):
+                for sk in ((1, 2) if quick else (1, 2, 4)) if decode else (1,):
+                    for asm in ((1,) if quick else (1, 0)):
+                        yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=3, SPLIT_K=sk,
+                                   ASM=asm, SWAP=1)
 
 
 def _base_candidates(rows_per_expert: float, quick: bool):
@@ -119,10 +135,12 @@ def tune_shape(model: str, tokens: list[int], quick: bool) -> dict:
         w2 = dequant_bf16(w.w2) if pre else w.w2
         results = _measure(list(candidates(t * k / e, quick)), w13, w2, x, hmid, tw, ids, e, k, rep)
         best = _best_pair(results, f"{model} T={t}")
-        for proj in ("w13", "w2"):  # the generic and the ASM loop side by side (same run)
-            gen = min((r[0] for r in results[proj] if not r[1].get("ASM")), default=float("nan"))
-            asm = min((r[0] for r in results[proj] if r[1].get("ASM")), default=float("nan"))
-            print(f"{model} T={t} {proj}: best generic {gen:.1f}us, best ASM {asm:.1f}us", flush=True)
+        for proj in ("w13", "w2"):  # the generic, ASM and SWAP loops side by side (same run)
+            by_loop = {name: min((r[0] for r in results[proj] if pick(r[1])), default=float("nan")) for name, pick in
+                    (("generic", lambda c: not c.get("ASM") and not c.get("SWAP")),
+                     ("ASM", lambda c: c.get("ASM") and not c.get("SWAP")), ("SWAP", lambda c: c.get("SWAP")))}
+            print(f"{model} T={t} {proj}: " + ", ".join(f"best {n} {us:.1f}us" for n, us in by_loop.items()),
+                  flush=True)
         if pre:  # prefill: the dequant path (its two dequant launches included) vs in-loop KT on the packed weights
             deq_us = _bench(lambda: (dequant_bf16(w.w13), dequant_bf16(w.w2)), graph=True, rep=rep)
             inloop = _measure(list(prefill_inloop_candidates()), w.w13, w.w2, x, hmid, tw, ids, e, k, rep)

@@ -44,6 +44,7 @@ def grouped_gemm_op(x: torch.Tensor, qw: torch.Tensor, pw: torch.Tensor, meta: t
     k_split, splits = _split_k(k, cfg[6] if len(cfg) > 6 else 1)
     kt = bool(cfg[7]) if len(cfg) > 7 else False
     asm = bool(cfg[8]) if len(cfg) > 8 else False
+    swap = bool(cfg[9]) if len(cfg) > 9 else False
     alloc = torch.zeros if zero_init else torch.empty
     out = alloc((out_rows, n), dtype=x.dtype, device=x.device)
     # split-K: fp32 partials [splits, rows, n (x2 for gate|up)], then one reduce launch (activation after the sum)
@@ -55,7 +56,8 @@ def grouped_gemm_op(x: torch.Tensor, qw: torch.Tensor, pw: torch.Tensor, meta: t
         x, dst, qw, pw, meta, wbf, einfo, sorted_ids, block_expert, num_post, topk_w,
         n, k, wcols, n_up, x.stride(0), dst.stride(-2), a_div, num_valid, k_split, dst.stride(0),
         MODE=mode, DENSE=dense, NFIELDS=NFIELDS, IS_FP32=x.dtype == torch.float32 or not x.is_cuda, KINDS=kinds,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FMA=fma, SPLIT_K=splits, KT=kt, ASM=asm, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FMA=fma, SPLIT_K=splits, KT=kt, ASM=asm, SWAP=swap,
+        num_warps=num_warps,
         num_stages=num_stages)
     if splits > 1 and out.numel():
         block = 1024
@@ -82,7 +84,7 @@ def _(x, qw, pw, meta, wbf, einfo, sorted_ids, block_expert, num_post, topk_w, n
 def _cfg_list(cfg: dict[str, int]) -> list[int]:
     return [int(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")] + [
         int(cfg.get("FMA", 0)), int(cfg.get("SPLIT_K", 1)), int(cfg.get("KT", 0)),
-        int(cfg.get("ASM", 0))]
+        int(cfg.get("ASM", 0)), int(cfg.get("SWAP", 0))]
 
 
 def grouped_gemm(x: torch.Tensor, w: PackedWeights, cfg: dict[str, int], *, mode: int, route: Route | None = None,
@@ -97,7 +99,10 @@ def grouped_gemm(x: torch.Tensor, w: PackedWeights, cfg: dict[str, int], *, mode
             optional ``"SPLIT_K": S`` (power of two <= 16) splits K over S programs per tile (decode: more
             programs in flight) with fp32 partials summed by one more launch; optional ``"KT": 1`` dequantizes
             all code slots of a step into one K-ordered tile and runs one ``tl.dot`` per step (tensor-core path);
-            optional ``"ASM": 1`` dequantizes 4-bit experts with packed-bf16 PTX (GPU, 16-bit activations).
+            optional ``"ASM": 1`` dequantizes 4-bit, 2-bit and int3 experts with packed-bf16 PTX (GPU, bf16
+            activations); optional ``"SWAP": 1`` (tensor-core per-slot loop, not FMA / KT) computes
+            ``acc^T += W x^T`` so the dequantized weights are the dot's A operand (sm90, BLOCK_N >= 64 per 4 warps:
+            wgmma with A in registers), then transposes once for the epilogue.
         mode: MODE_PLAIN, MODE_GATE_UP (fused SiLU-and-mul) or MODE_DOWN (router weights applied).
         route: tile map (None: dense, one expert, rows 0..R-1).
         topk_weights: [T*K] fp32 router weights (MODE_DOWN).

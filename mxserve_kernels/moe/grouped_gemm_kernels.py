@@ -45,28 +45,39 @@ def _dq(words, s, z, p0, sp0, p1, sp1, psh, J, KIND: tl.constexpr, BITS: tl.cons
     if KIND == 3:
         q = q | (((p0 >> (psh + J)) & 1) << 2)
     w = _code_f32(q) * s + z
-    if KIND == 4:
-        w = w + tl.where(((p0 >> (psh + J)) & 1) != 0, sp0, -sp0)
+    if KIND == 4:  # sign +-1 as (2*bit - 1), exact; arithmetic, not a select: keeps the SWAP dequant in registers
+        w = w + sp0 * (_code_f32(((p0 >> (psh + J)) & 1) * 2) - 1.0)
         if NP == 2:
-            w = w + tl.where(((p1 >> (psh + J)) & 1) != 0, sp1, -sp1)
+            w = w + sp1 * (_code_f32(((p1 >> (psh + J)) & 1) * 2) - 1.0)
     return w
 
 
 @triton.jit
 def _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_hi, w0, col, n_mask,
-               KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Code words, scale, zero (+ planes and plane scales) of word rows ``w0 .. w0+BLOCK_K`` (masked from word row
+               KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr, BLOCK_K: tl.constexpr,
+               SWAP: tl.constexpr = False, WST: tl.constexpr = 1):
+    """Code words, scale, zero (+ planes and plane scales) of word rows ``w0 + WST*i``, i < BLOCK_K (masked from word row
     ``kw_hi`` on: the end of this program's K range; K is the full reduction length, for the metadata layout).
     ``pm`` = (plane-scale offset, words between planes, plane-scale elements between planes): einfo PMOFF, PWSTEP,
-    PMSTEP (plane scales need not follow scale/zero: the offload slot pool keeps them in another slot)."""
+    PMSTEP (plane scales need not follow scale/zero: the offload slot pool keeps them in another slot).
+    Tiles are ``[BLOCK_K, BN]`` with ``col`` ``[1, BN]``; SWAP: ``[BN, BLOCK_K]`` with ``col`` ``[BN, 1]`` (loaded in
+    that orientation, not transposed: a ``tl.trans`` would stop the compiler from building the weight tile in the
+    dot-operand layout from the load, see ``_int_loop``)."""
     PER: tl.constexpr = 32 // BITS
-    wr = w0 + tl.arange(0, BLOCK_K)
-    m2 = (wr < kw_hi)[:, None] & n_mask[None, :]
+    wr = w0 + tl.arange(0, BLOCK_K) * WST
     kr = wr * PER
     kg = K // g
-    gi = (kr // g)[:, None]
-    pr = (kr // 32)[:, None]
-    words = tl.load(qw_ptr + qoff + wr[:, None] * wcols + col, mask=m2, other=0)
+    if SWAP:
+        m2 = (wr < kw_hi)[None, :] & n_mask[:, None]
+        gi = (kr // g)[None, :]
+        pr = (kr // 32)[None, :]
+        wr = wr[None, :]
+    else:
+        m2 = (wr < kw_hi)[:, None] & n_mask[None, :]
+        gi = (kr // g)[:, None]
+        pr = (kr // 32)[:, None]
+        wr = wr[:, None]
+    words = tl.load(qw_ptr + qoff + wr * wcols + col, mask=m2, other=0)
     s = tl.load(meta_ptr + moff + gi * wcols + col, mask=m2, other=0.0).to(tl.float32)
     z = tl.load(meta_ptr + moff + (kg + gi) * wcols + col, mask=m2, other=0.0).to(tl.float32)
     p0 = 0
@@ -86,32 +97,69 @@ def _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_h
 
 @triton.jit
 def _load_tiles(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_hi, w0, col, col2, n_mask,
-                KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr, BLOCK_K: tl.constexpr, DUAL: tl.constexpr):
+                KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr, BLOCK_K: tl.constexpr, DUAL: tl.constexpr,
+                SWAP: tl.constexpr = False, WST: tl.constexpr = 1):
     """``_load_tile`` at columns ``col`` and, for the fused gate_up (DUAL), at ``col2`` (the up half); without DUAL
     the second 7-tuple repeats the first (unused)."""
     words, s, z, p0, sp0, p1, sp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_hi,
-                                               w0, col, n_mask, KIND, BITS, NP, BLOCK_K)
+                                               w0, col, n_mask, KIND, BITS, NP, BLOCK_K, SWAP, WST)
     words2, s2, z2, q0, tp0, q1, tp1 = words, s, z, p0, sp0, p1, sp1
     if DUAL:
         words2, s2, z2, q0, tp0, q1, tp1 = _load_tile(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K,
-                                                      kw_hi, w0, col2, n_mask, KIND, BITS, NP, BLOCK_K)
+                                                      kw_hi, w0, col2, n_mask, KIND, BITS, NP, BLOCK_K, SWAP, WST)
     return words, s, z, p0, sp0, p1, sp1, words2, s2, z2, q0, tp0, q1, tp1
+
+
+_BF16_HEAD = ["mov.b32 one, 0x3f803f80;", "mov.b32 m128, 0xc300c300;"]  # 1.0 and -128.0 bf16 pairs
+
+
+def _pair_tail(lo: int, hi: int) -> list[str]:
+    """``t`` holds two ``128 + code`` bf16 lanes: exact codes (fma by 1, -128), then ``code * scale + zero``
+    (one rounding), unpacked into outputs ``$lo`` (low lane) and ``$hi``."""
+    return ["fma.rn.bf16x2 t, t, one, m128;", "fma.rn.bf16x2 t, t, ss, zz;", f"mov.b32 {{${lo}, ${hi}}}, t;"]
+
+
+def _dq_asm(bits: int) -> str:
+    """PTX body of the packed-bf16 dequant of one 32-bit code word of ``bits`` = 4, 2 or 3 (3: the 2-bit plane word
+    plus the high-bit word). Operands: outputs ``$0 .. $(PER-1)`` = code slots (bf16; PER = 8 for 4-bit, 16 for
+    2/3-bit), then the word, (3-bit: the high-bit word, bit j = slot j), scale, zero (bf16). Slots i and i + PER/2
+    share the 16-bit halves of ``word >> (bits_lo * i)``, so one ``lop3`` masks both into the mantissas of a 128.0
+    bf16 pair (``(x & mask) | 0x43004300``: 128 + code, exact for code < 128)."""
+    if bits not in (2, 3, 4):
+        raise ValueError(f"_dq_asm: bits must be 2, 3 or 4, got {bits}")
+    blo = 4 if bits == 4 else 2  # bits per code in the word
+    per = 32 // blo
+    w, ops = f"${per}", per + (2 if bits == 3 else 1)
+    mask = "0x000f000f" if bits == 4 else "0x00030003"
+    lines = ["{", ".reg .b32 t, c, ss, zz, one, m128, hs, u;", f"mov.b32 ss, {{${ops}, ${ops}}};",
+             f"mov.b32 zz, {{${ops + 1}, ${ops + 1}}};"] + _BF16_HEAD
+    if bits == 3:  # spread the high bits: slot j < 8 to bit j + 2, slot j + 8 to bit j + 18 (bit 2 of each half)
+        h = f"${per + 1}"
+        lines += [f"shl.b32 u, {h}, 10;", "lop3.b32 u, u, 0x03fc0000, 0x00000000, 0xea;", f"shl.b32 hs, {h}, 2;",
+                  "lop3.b32 hs, hs, 0x000003fc, u, 0xea;"]
+    for i in range(per // 2):
+        src = w if i == 0 else "c"
+        if i:
+            lines.append(f"shr.u32 c, {w}, {blo * i};")
+        lines.append(f"lop3.b32 t, {src}, {mask}, 0x43004300, 0xea;")
+        if bits == 3:  # OR the two high bits (slots i, i + 8) into bit 2 of each half
+            if i:
+                lines.append(f"shr.u32 u, hs, {i};")
+            lines.append(f"lop3.b32 t, {'hs' if i == 0 else 'u'}, 0x00040004, t, 0xea;")
+        lines += _pair_tail(i, i + per // 2)
+    return "\n".join(lines + ["}"])
 
 
 def _dq4_asm() -> str:
     """PTX body of ``_dq4_bf16x2``: operands $0..$7 = slots 0..7 (bf16), $8 = the word, $9 / $10 = scale / zero."""
-    lines = ["{", ".reg .b32 t, c, ss, zz, one, m128;", "mov.b32 ss, {$9, $9};", "mov.b32 zz, {$10, $10};",
-             "mov.b32 one, 0x3f803f80;", "mov.b32 m128, 0xc300c300;"]  # 1.0 and -128.0 bf16 pairs
-    for i in range(4):  # slots i (low half) and i + 4 (high half) from the word shifted by 4i
-        src = "$8" if i == 0 else "c"
-        if i:
-            lines.append(f"shr.u32 c, $8, {4 * i};")
-        lines += [f"lop3.b32 t, {src}, 0x000f000f, 0x43004300, 0xea;",  # (w & mask) | 128.0: 128 + code, exact
-                  "fma.rn.bf16x2 t, t, one, m128;", "fma.rn.bf16x2 t, t, ss, zz;", f"mov.b32 {{${i}, ${i + 4}}}, t;"]
-    return "\n".join(lines + ["}"])
+    return _dq_asm(4)
 
 
-_DQ4_ASM = tl.constexpr(_dq4_asm())
+_DQ4_ASM = tl.constexpr(_dq_asm(4))
+_DQ2_ASM = tl.constexpr(_dq_asm(2))
+_DQ3_ASM = tl.constexpr(_dq_asm(3))
+_BF16X8 = tl.constexpr((tl.bfloat16,) * 8)
+_BF16X16 = tl.constexpr((tl.bfloat16,) * 16)
 
 
 @triton.jit
@@ -121,16 +169,46 @@ def _dq4_bf16x2(words, s, z):
     1 and -128 (exact: the codes), ``fma.bf16x2`` by scale and zero) = ~12 instructions per 8 weights instead of ~6
     per weight. Scale and zero are rounded to bf16 (the weight itself is rounded to bf16 for the dot anyway)."""
     return tl.inline_asm_elementwise(
-        asm=_DQ4_ASM,
-        constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
-        args=[words, s.to(tl.bfloat16), z.to(tl.bfloat16)],
-        dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
-               tl.bfloat16),
-        is_pure=True, pack=1)
+        asm=_DQ4_ASM, constraints="=h," * 8 + "r,h,h", args=[words, s.to(tl.bfloat16), z.to(tl.bfloat16)],
+        dtype=_BF16X8, is_pure=True, pack=1)
 
 
 @triton.jit
-def _w_step(acc, acc2, acc3, acc3b, a_ptrs, a_mask, w, w2, DUAL: tl.constexpr, FMA: tl.constexpr):
+def _dq2_bf16x2(words, s, z):
+    """``_dq4_bf16x2`` for 2-bit words: 16 bf16 tensors (slot j = K row ``kw*16 + j``), 8 x (shift, lop3 mask
+    0x00030003, 2 fma.bf16x2) per word."""
+    return tl.inline_asm_elementwise(
+        asm=_DQ2_ASM, constraints="=h," * 16 + "r,h,h", args=[words, s.to(tl.bfloat16), z.to(tl.bfloat16)],
+        dtype=_BF16X16, is_pure=True, pack=1)
+
+
+@triton.jit
+def _dq3_bf16x2(words, hi, s, z):
+    """``_dq2_bf16x2`` for int3 experts (2-bit plane ``words`` + high-bit plane ``hi``, bit j = the high bit of slot
+    j, i.e. the plane word already shifted by ``psh``): one more shift + lop3 per pair ORs the high bits into bit 2
+    of the codes (``q = lo | hi << 2``)."""
+    return tl.inline_asm_elementwise(
+        asm=_DQ3_ASM, constraints="=h," * 16 + "r,r,h,h", args=[words, hi, s.to(tl.bfloat16), z.to(tl.bfloat16)],
+        dtype=_BF16X16, is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma(a, w, acc, IS_FP32: tl.constexpr, SWAP: tl.constexpr):
+    """acc += a @ w (a ``[BM, k]`` activations, w ``[k, BN]`` weights); SWAP: acc^T += w @ a with w ``[BN, k]``
+    and a ``[k, BM]``, so the weights are the dot's A operand (sm90: wgmma's register operand)."""
+    if SWAP:
+        if IS_FP32:
+            acc = tl.dot(w.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w.to(a.dtype), a, acc)
+    else:
+        acc = _dot(a, w, acc, IS_FP32)
+    return acc
+
+
+@triton.jit
+def _w_step(acc, acc2, acc3, acc3b, a_ptrs, a_mask, w, w2, DUAL: tl.constexpr, FMA: tl.constexpr,
+            SWAP: tl.constexpr = False):
     """``_slot_step`` for an already dequantized bf16 slot ``w`` (and ``w2``, the up half)."""
     a = tl.load(a_ptrs, mask=a_mask, other=0.0)
     if FMA:
@@ -139,16 +217,16 @@ def _w_step(acc, acc2, acc3, acc3b, a_ptrs, a_mask, w, w2, DUAL: tl.constexpr, F
         if DUAL:
             acc3b += af * w2.to(tl.float32)[None, :, :]
     else:
-        acc = tl.dot(a.to(tl.bfloat16), w, acc)
+        acc = _mma(a.to(tl.bfloat16), w, acc, False, SWAP)
         if DUAL:
-            acc2 = tl.dot(a.to(tl.bfloat16), w2, acc2)
+            acc2 = _mma(a.to(tl.bfloat16), w2, acc2, False, SWAP)
     return acc, acc2, acc3, acc3b
 
 
 @triton.jit
 def _slot_step(acc, acc2, acc3, acc3b, a_ptrs, a_mask, words, s, z, p0, sp0, p1, sp1, words2, s2, z2, q0, tp0, q1,
                tp1, psh, J, KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr, DUAL: tl.constexpr,
-               IS_FP32: tl.constexpr, FMA: tl.constexpr):
+               IS_FP32: tl.constexpr, FMA: tl.constexpr, SWAP: tl.constexpr = False):
     """One code slot J of a word tile: the activation columns of K rows ``kr + J`` times the dequantized slot, into
     acc/acc2 (tl.dot) or acc3/acc3b (FMA: fp32 broadcast-multiply, reduced over K by the caller)."""
     a = tl.load(a_ptrs, mask=a_mask, other=0.0)
@@ -158,9 +236,9 @@ def _slot_step(acc, acc2, acc3, acc3b, a_ptrs, a_mask, words, s, z, p0, sp0, p1,
         if DUAL:
             acc3b += af * _dq(words2, s2, z2, q0, tp0, q1, tp1, psh, J, KIND, BITS, NP)[None, :, :]
     else:
-        acc = _dot(a, _dq(words, s, z, p0, sp0, p1, sp1, psh, J, KIND, BITS, NP), acc, IS_FP32)
+        acc = _mma(a, _dq(words, s, z, p0, sp0, p1, sp1, psh, J, KIND, BITS, NP), acc, IS_FP32, SWAP)
         if DUAL:
-            acc2 = _dot(a, _dq(words2, s2, z2, q0, tp0, q1, tp1, psh, J, KIND, BITS, NP), acc2, IS_FP32)
+            acc2 = _mma(a, _dq(words2, s2, z2, q0, tp0, q1, tp1, psh, J, KIND, BITS, NP), acc2, IS_FP32, SWAP)
     return acc, acc2, acc3, acc3b
 
 
@@ -222,20 +300,29 @@ def _int_loop_kt(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, 
 def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols,
               n_up, K, k_lo, k_hi, offs_n, n_mask, KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr,
               DUAL: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr, FMA: tl.constexpr,
-              ASM: tl.constexpr = False):
+              ASM: tl.constexpr = False, SWAP: tl.constexpr = False):
     """acc (+acc2 for the up half when DUAL) += x[rows, k_lo:k_hi] @ dequant(W)[:, k_lo:k_hi]^T for an integer
     expert (k_lo, k_hi multiples of 32: whole code words of every width; split-K programs own one range each).
     The next tile's words/metadata are loaded (into registers) before the current tile's dots: two tiles in flight
-    per program on top of the compiler's pipelining."""
+    per program on top of the compiler's pipelining.
+
+    SWAP (tensor-core loop only): tiles are loaded ``[BN, BKW]`` and each slot computes
+    ``accT[BN, BM] += W_slot[BN, BKW] @ x_slot^T[BKW, BM]``, so the dequantized weights are the dot's A operand: on
+    sm90 with BN >= 64 per warp group the compiler emits ``warp_group_dot`` with A in registers, building the code
+    words (and scale/zero) in the dot-operand layout at the load, with no shared-memory round trip of the weights
+    (only the ``[BKW, BM]`` activation slice goes through shared memory, as wgmma's B). accT is transposed once at
+    the end."""
     PER: tl.constexpr = 32 // BITS
     # code words per step: BLOCK_K, but for B < 4 at most the K rows of a 4-bit step (min 16 words), so the
     # activation columns a step reads (BLOCK_M x BLOCK_K*8 at most, or 16*PER) stay bounded for 1/2-bit experts
     BKW0: tl.constexpr = (BLOCK_K * BITS // 4) if BITS < 4 else BLOCK_K
     BKW: tl.constexpr = 16 if BKW0 < 16 else BKW0
+    SW: tl.constexpr = SWAP and not FMA
+    ASM_OK: tl.constexpr = ASM and not IS_FP32 and x_ptr.dtype.element_ty == tl.bfloat16 and KIND <= 3
+    ASM4: tl.constexpr = ASM_OK and KIND == 2 and BITS == 4
+    ASM2: tl.constexpr = ASM_OK and BITS == 2  # int2 and int3 (2-bit plane + high-bit plane)
     kw_lo = k_lo // PER
     kw_hi = k_hi // PER
-    col = offs_n[None, :]
-    col2 = col + n_up
     offs_w = tl.arange(0, BKW)
     # FMA (few rows per expert): acc3 += a[:, :, None] * w[None] in fp32 registers, reduced over K once at the end
     # (no tensor-core operand shuffles; BLOCK_M may be < 16)
@@ -244,37 +331,86 @@ def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, met
     if FMA:
         acc3 = tl.zeros((acc.shape[0], BKW, acc.shape[1]), dtype=tl.float32)
         acc3b = tl.zeros((acc.shape[0], BKW, acc.shape[1]), dtype=tl.float32)
-    (words, s, z, p0, sp0, p1, sp1, words2, s2, z2, q0, tp0, q1,
-     tp1) = _load_tiles(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_hi, kw_lo, col, col2, n_mask,
-                        KIND, BITS, NP, BKW, DUAL)
-    for w0 in range(kw_lo, kw_hi, BKW):
-        (nwords, ns, nz, np0, nsp0, np1, nsp1, nwords2, ns2, nz2, nq0, ntp0, nq1,
-         ntp1) = _load_tiles(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_hi, w0 + BKW, col, col2,
-                             n_mask, KIND, BITS, NP, BKW, DUAL)
-        wr = w0 + offs_w
-        kr = wr * PER  # K row of code slot 0 of each word
-        psh = (kr % 32)[:, None]  # bit of row kr in its 1-bit plane word (PER divides 32)
-        a_ptrs = x_ptr + x_rows[:, None] * stride_xm + kr[None, :]
-        a_mask = row_mask[:, None] & (wr < kw_hi)[None, :]
-        if ASM and KIND == 2 and BITS == 4 and not IS_FP32 and x_ptr.dtype.element_ty == tl.bfloat16:  # ASM dequant
-            ws = _dq4_bf16x2(words, s, z)
-            ws2 = ws
-            if DUAL:
-                ws2 = _dq4_bf16x2(words2, s2, z2)
-            for j in tl.static_range(8):
-                acc, acc2, acc3, acc3b = _w_step(acc, acc2, acc3, acc3b, a_ptrs + j, a_mask, ws[j], ws2[j], DUAL, FMA)
-        elif PER <= 8:  # 4/8-bit: unrolled code slots
-            for j in tl.static_range(PER):
-                acc, acc2, acc3, acc3b = _slot_step(acc, acc2, acc3, acc3b, a_ptrs + j, a_mask, words, s, z, p0, sp0,
-                                                    p1, sp1, words2, s2, z2, q0, tp0, q1, tp1, psh, j, KIND,
-                                                    BITS, NP, DUAL, IS_FP32, FMA)
-        else:  # 1/2-bit (16-32 slots): a runtime loop keeps the compiled kernel (and compile time) small
-            for j in range(PER):
-                acc, acc2, acc3, acc3b = _slot_step(acc, acc2, acc3, acc3b, a_ptrs + j, a_mask, words, s, z, p0, sp0,
-                                                    p1, sp1, words2, s2, z2, q0, tp0, q1, tp1, psh, j, KIND,
-                                                    BITS, NP, DUAL, IS_FP32, FMA)
-        words, s, z, p0, sp0, p1, sp1 = nwords, ns, nz, np0, nsp0, np1, nsp1
-        words2, s2, z2, q0, tp0, q1, tp1 = nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1
+    if SW:
+        col = offs_n[:, None]
+        ac = tl.zeros((acc.shape[1], acc.shape[0]), dtype=tl.float32)
+        ac2 = tl.zeros((acc.shape[1], acc.shape[0]), dtype=tl.float32)
+    else:
+        col = offs_n[None, :]
+        ac = acc
+        ac2 = acc2
+    col2 = col + n_up
+    # SWAP with 1-bit planes (int3, nested: 2-bit words, 2 word rows per plane word): word rows of one parity per
+    # sub-step, so the plane bits of a row sit at the constant bit offset 16*parity (a runtime per-row shift would
+    # keep the dequant off the dot-operand layout: only loads and constants may feed it)
+    NPAR: tl.constexpr = 2 if SW and KIND >= 3 else 1
+    if not SW:  # SWAP: no register prefetch (a loop-carried tile is not built in the dot-operand layout at its load)
+        (words, s, z, p0, sp0, p1, sp1, words2, s2, z2, q0, tp0, q1,
+         tp1) = _load_tiles(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_hi, kw_lo, col, col2,
+                            n_mask, KIND, BITS, NP, BKW, DUAL)
+    for w0 in range(kw_lo, kw_hi, BKW * NPAR):
+        for par in tl.static_range(NPAR):
+            if SW:  # this step's tile, loaded here: the compiler pipelines it (cp.async) and converts it at the load
+                (words, s, z, p0, sp0, p1, sp1, words2, s2, z2, q0, tp0, q1,
+                 tp1) = _load_tiles(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_hi, w0 + par, col,
+                                    col2, n_mask, KIND, BITS, NP, BKW, DUAL, SW, NPAR)
+            else:
+                (nwords, ns, nz, np0, nsp0, np1, nsp1, nwords2, ns2, nz2, nq0, ntp0, nq1,
+                 ntp1) = _load_tiles(qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols, K, kw_hi, w0 + BKW,
+                                     col, col2, n_mask, KIND, BITS, NP, BKW, DUAL)
+            wr = w0 + par + offs_w * NPAR
+            kr = wr * PER  # K row of code slot 0 of each word
+            if SW:  # activations as [BKW, BM]: x^T slices; plane bit offset: constant per parity
+                psh = 16 * par
+                a_ptrs = x_ptr + x_rows[None, :] * stride_xm + kr[:, None]
+                a_mask = row_mask[None, :] & (wr < kw_hi)[:, None]
+            else:
+                psh = (kr % 32)[:, None]  # bit of row kr in its 1-bit plane word (PER divides 32)
+                a_ptrs = x_ptr + x_rows[:, None] * stride_xm + kr[None, :]
+                a_mask = row_mask[:, None] & (wr < kw_hi)[None, :]
+            if ASM4:  # packed-bf16 PTX dequant, 8 slots per word
+                ws = _dq4_bf16x2(words, s, z)
+                ws2 = ws
+                if DUAL:
+                    ws2 = _dq4_bf16x2(words2, s2, z2)
+                for j in tl.static_range(8):
+                    ac, ac2, acc3, acc3b = _w_step(ac, ac2, acc3, acc3b, a_ptrs + j, a_mask, ws[j], ws2[j], DUAL, FMA,
+                                                   SW)
+            elif ASM2:  # 16 slots per word (int3: the high-bit plane ORed in by the same PTX)
+                if KIND == 3:
+                    ws = _dq3_bf16x2(words, p0 >> psh, s, z)
+                else:
+                    ws = _dq2_bf16x2(words, s, z)
+                ws2 = ws
+                if DUAL:
+                    if KIND == 3:
+                        ws2 = _dq3_bf16x2(words2, q0 >> psh, s2, z2)
+                    else:
+                        ws2 = _dq2_bf16x2(words2, s2, z2)
+                for j in tl.static_range(16):
+                    ac, ac2, acc3, acc3b = _w_step(ac, ac2, acc3, acc3b, a_ptrs + j, a_mask, ws[j], ws2[j], DUAL, FMA,
+                                                   SW)
+            elif PER <= 8 or (SW and PER <= 16):  # 4/8-bit (SWAP: and 2-bit kinds): unrolled code slots (SWAP:
+                # a runtime slot index would be a non-constant shift, which keeps the dequant off the operand layout)
+                for j in tl.static_range(PER):
+                    ac, ac2, acc3, acc3b = _slot_step(ac, ac2, acc3, acc3b, a_ptrs + j, a_mask, words, s, z, p0, sp0,
+                                                      p1, sp1, words2, s2, z2, q0, tp0, q1, tp1, psh, j, KIND,
+                                                      BITS, NP, DUAL, IS_FP32, FMA, SW)
+            else:  # 1/2-bit (16-32 slots): a runtime loop keeps the compiled kernel (and compile time) small
+                for j in range(PER):
+                    ac, ac2, acc3, acc3b = _slot_step(ac, ac2, acc3, acc3b, a_ptrs + j, a_mask, words, s, z, p0, sp0,
+                                                      p1, sp1, words2, s2, z2, q0, tp0, q1, tp1, psh, j, KIND,
+                                                      BITS, NP, DUAL, IS_FP32, FMA, SW)
+            if not SW:
+                words, s, z, p0, sp0, p1, sp1 = nwords, ns, nz, np0, nsp0, np1, nsp1
+                words2, s2, z2, q0, tp0, q1, tp1 = nwords2, ns2, nz2, nq0, ntp0, nq1, ntp1
+    if SW:  # one transpose back to the epilogue's [BM, BN]
+        acc += tl.trans(ac)
+        if DUAL:
+            acc2 += tl.trans(ac2)
+    else:
+        acc = ac
+        acc2 = ac2
     if FMA:
         acc += tl.sum(acc3, axis=1)
         if DUAL:
@@ -286,7 +422,7 @@ def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, met
 def _int_any(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols,
              n_up, K, k_lo, k_hi, offs_n, n_mask, KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr,
              DUAL: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr, FMA: tl.constexpr, KT: tl.constexpr,
-             ASM: tl.constexpr):
+             ASM: tl.constexpr, SWAP: tl.constexpr = False):
     """The integer K loop the config selects: ``_int_loop_kt`` (KT, tensor cores), else ``_int_loop`` (ASM: the
     packed-bf16 dequant for 4-bit experts)."""
     if KT and not FMA:
@@ -296,7 +432,7 @@ def _int_any(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta
     else:
         acc, acc2 = _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr, qoff, poff,
                               moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask, KIND, BITS, NP, DUAL, BLOCK_K,
-                              IS_FP32, FMA, ASM)
+                              IS_FP32, FMA, ASM, SWAP)
     return acc, acc2
 
 
@@ -342,7 +478,7 @@ def grouped_gemm_kernel(x_ptr, out_ptr, qw_ptr, pw_ptr, meta_ptr, wbf_ptr, einfo
                         MODE: tl.constexpr, DENSE: tl.constexpr, NFIELDS: tl.constexpr, IS_FP32: tl.constexpr,
                         KINDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         FMA: tl.constexpr = False, SPLIT_K: tl.constexpr = 1, KT: tl.constexpr = False,
-                        ASM: tl.constexpr = False):
+                        ASM: tl.constexpr = False, SWAP: tl.constexpr = False):
     """Grid (m-blocks, cdiv(N, BLOCK_N), splits). SPLIT_K > 1: program z owns K rows [z*k_split, (z+1)*k_split)
     and stores fp32 partials (MODE 1: gate | up columns side by side; MODE 2: router weight applied) at
     ``out_ptr + z*stride_ks``; ``splitk_reduce_kernel`` sums them and applies the activation. Rows of block b: ``sorted_ids[b*BLOCK_M:(b+1)*BLOCK_M]`` (ids >= num_valid
@@ -388,37 +524,37 @@ def grouped_gemm_kernel(x_ptr, out_ptr, qw_ptr, pw_ptr, meta_ptr, wbf_ptr, einfo
             if (kind == 2) & (bits == 4):
                 acc, acc2 = _int_any(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
-                                      2, 4, 0, DUAL, BLOCK_K, IS_FP32, FMA, KT, ASM)
+                                      2, 4, 0, DUAL, BLOCK_K, IS_FP32, FMA, KT, ASM, SWAP)
         if (KINDS & 4) != 0:
             if (kind == 2) & (bits == 2):
                 acc, acc2 = _int_any(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
-                                      2, 2, 0, DUAL, BLOCK_K, IS_FP32, FMA, KT, ASM)
+                                      2, 2, 0, DUAL, BLOCK_K, IS_FP32, FMA, KT, ASM, SWAP)
         if (KINDS & 2) != 0:
             if (kind == 2) & (bits == 1):
                 acc, acc2 = _int_any(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
-                                      2, 1, 0, DUAL, BLOCK_K, IS_FP32, FMA, KT, ASM)
+                                      2, 1, 0, DUAL, BLOCK_K, IS_FP32, FMA, KT, ASM, SWAP)
         if (KINDS & 16) != 0:
             if (kind == 2) & (bits == 8):
                 acc, acc2 = _int_any(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
-                                      2, 8, 0, DUAL, BLOCK_K, IS_FP32, FMA, KT, ASM)
+                                      2, 8, 0, DUAL, BLOCK_K, IS_FP32, FMA, KT, ASM, SWAP)
         if (KINDS & 32) != 0:
             if kind == 3:
                 acc, acc2 = _int_any(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
-                                      3, 2, 1, DUAL, BLOCK_K, IS_FP32, FMA, KT, ASM)
+                                      3, 2, 1, DUAL, BLOCK_K, IS_FP32, FMA, KT, ASM, SWAP)
         if (KINDS & 64) != 0:
             if (kind == 4) & (npl == 1):
                 acc, acc2 = _int_any(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
-                                      4, 2, 1, DUAL, BLOCK_K, IS_FP32, FMA, KT, ASM)
+                                      4, 2, 1, DUAL, BLOCK_K, IS_FP32, FMA, KT, ASM, SWAP)
         if (KINDS & 128) != 0:
             if (kind == 4) & (npl == 2):
                 acc, acc2 = _int_any(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
-                                      4, 2, 2, DUAL, BLOCK_K, IS_FP32, FMA, KT, ASM)
+                                      4, 2, 2, DUAL, BLOCK_K, IS_FP32, FMA, KT, ASM, SWAP)
         if (KINDS & 1) != 0:
             if kind == 1:
                 acc, acc2 = _bf16_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, wbf_ptr, woff, wcols, n_up,

@@ -164,6 +164,67 @@ def test_fused_moe_asm_gpu(bm, fma, split, t):
     assert rel_mean_err(generic.float(), got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
 
 
+@pytest.mark.parametrize("schemes", [["int2_g128_asym"], ["int3_g128_asym"], ["int3_g64_sym", "int2_g32_asym"],
+                                     ["int2_g128_asym", "int2_g128_asym", "int2_g128_asym", "int4_g128_asym"]],
+                         ids=["w2", "w3", "w3_w2_small_groups", "mix2.5"])
+@pytest.mark.parametrize("bm,fma,split,t", [(1, 1, 1, 3), (16, 0, 2, 40)])
+def test_fused_moe_asm2_gpu(schemes, bm, fma, split, t):
+    """ASM configs on 2-bit and int3 experts (``_dq2_bf16x2`` / ``_dq3_bf16x2``: 16 slots per word, int3's high
+    bit ORed in by the PTX) vs the reference and vs the generic loop, Qwen3 shapes."""
+    e, h, i = 8, 2048, 768
+    w = prepare_experts(*_experts(schemes, e, h, i, seed=17), hidden=h, inter=i)
+    tw, ids = make_routing(t, 4, e, "random", device="cuda")
+    x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
+    cfg = dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=3, FMA=fma, SPLIT_K=split)
+    got = fused_moe(x, w, tw, ids, config={"w13": {**cfg, "ASM": 1}, "w2": {**cfg, "ASM": 1}})
+    want = moe_ref.fused_moe(x.float(), w, tw, ids)
+    assert rel_mean_err(want, got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
+    generic = fused_moe(x, w, tw, ids, config={"w13": cfg, "w2": dict(cfg)})
+    assert rel_mean_err(generic.float(), got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
+
+
+@pytest.mark.parametrize("bn,nw,bk,split,asm,t", [(64, 4, 16, 1, 1, 1), (64, 4, 32, 2, 1, 3), (128, 8, 16, 1, 1, 16),
+                                                  (64, 4, 16, 1, 0, 3), (128, 8, 32, 2, 0, 64)])
+def test_fused_moe_swap_gpu(bn, nw, bk, split, asm, t):
+    """SWAP configs (weights as wgmma's register A operand) vs the reference and vs the per-slot loop without SWAP,
+    every kind in one launch (bf16 / KT-less kinds take their usual loops), Qwen3 shapes incl. E = 128 decode."""
+    e, h, i = len(MIX), 2048, 768
+    w = prepare_experts(*_experts(MIX, e, h, i, seed=19), hidden=h, inter=i)
+    tw, ids = make_routing(t, 4, e, "random", device="cuda")
+    x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
+    cfg = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=3, SPLIT_K=split, ASM=asm)
+    got = fused_moe(x, w, tw, ids, config={"w13": {**cfg, "SWAP": 1}, "w2": {**cfg, "SWAP": 1}},
+                    prefill_dequant=False)
+    want = moe_ref.fused_moe(x.float(), w, tw, ids)
+    assert rel_mean_err(want, got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
+    plain = fused_moe(x, w, tw, ids, config={"w13": cfg, "w2": dict(cfg)}, prefill_dequant=False)
+    assert rel_mean_err(plain.float(), got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
+
+
+def test_swap_bit_exact_dequant_gpu():
+    """x = identity in fp32 (exact dot) through the SWAP loop returns W^T equal to the oracle for every kind."""
+    cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=3, SWAP=1)
+    for name in MIX:
+        s = WeightScheme.parse(name)
+        t = random_canonical(s, 256, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(4))
+        lw = prepare_linear(s, t, k=256)
+        got = dequant_linear(torch.eye(256, device="cuda"), lw, config=cfg)
+        torch.testing.assert_close(got.t(), qref.dequantize(s, t, 256), **BIT_EXACT)
+
+
+def test_swap_decode_qwen3_e128_gpu():
+    """The tuner's target shape: E = 128, top-8, T = 16, W4 with SWAP + ASM, BLOCK_N 64 and 128."""
+    e, h, i = 128, 2048, 768
+    w = prepare_experts(*_experts(["int4_g128_asym", "int2_g128_asym"], e, h, i, seed=23), hidden=h, inter=i)
+    tw, ids = make_routing(16, 8, e, "random", device="cuda")
+    x = torch.randn(16, h, device="cuda").to(torch.bfloat16)
+    want = moe_ref.fused_moe(x.float(), w, tw, ids)
+    for bn, nw in ((64, 4), (128, 8)):
+        cfg = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=16, num_warps=nw, num_stages=3, ASM=1, SWAP=1)
+        got = fused_moe(x, w, tw, ids, config={"w13": cfg, "w2": dict(cfg)})
+        assert rel_mean_err(want, got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
+
+
 @pytest.mark.parametrize("block_m", [1, 2, 4, 8])
 def test_fused_moe_fma_config_gpu(block_m):
     """The FMA K loop the tuner may pick for decode (BLOCK_M < 16) vs the reference, every kind, Qwen3 shapes."""
