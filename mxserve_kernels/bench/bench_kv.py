@@ -3,8 +3,11 @@
 ``python -m mxserve_kernels.bench.bench_kv --json out.json [--quick]``
 
 Per (geometry, context, config) row, all measured in the same process:
-* our kernel over a sweep of (num_splits, block_n, num_warps) -> best and default (``num_splits=None``) times;
-  every swept output is checked against the default one (``max_abs_diff_vs_default``);
+* our kernel, per packed-split path (``--paths``, default "unpack,raw_asm": the session-4 dequantize-then-dot
+  kernel and the dot on raw codes with the PTX unpack; see ``decode.PATHS``), over a sweep of (num_splits,
+  block_n, num_warps) -> best and default (``num_splits=None``, default tiling) times under ``paths[name]``; every
+  swept output is checked against the first path's default output (``max_abs_diff_vs_default``); the row's
+  top-level ``decode_ms`` / ``speedup_vs_peer`` are the best path's (``best_path``);
 * the peer (``--peer MODULE:FUNC``, default ``mxserve.vllm_plugin.bench_peers:kv_decode_peer``: only the plugin
   imports vLLM): vLLM's ``flash_attn_varlen_func`` (FA3 on Hopper) over a paged bf16 cache with separate K and V
   (``peer = vllm_fa<N>``); if it cannot be imported / run, torch SDPA over separate contiguous
@@ -29,8 +32,9 @@ from mxserve_kernels.attention.kv_format import KVSlotFormat
 
 GEOMS = {"qwen3-30b-a3b": (4, 32, 128), "llama3-8b": (8, 32, 128)}  # H_kv, H_q, D
 CONFIGS = {"K2V1.5": (2, 1.5, 64, 128), "K4V2": (4, 2, 128, 128), "K4V4": (4, 4, 128, 128)}
-SWEEP = {"num_splits": (None, 2, 4, 8, 16, 32), "block_n": (32, 64, 128), "num_warps": (4, 8)}
-QUICK = {"num_splits": (None, 8, 16), "block_n": (64,), "num_warps": (4,)}
+SWEEP = {"num_splits": (None, 4, 8, 16), "block_n": (32, 64, 128), "num_warps": (2, 4, 8)}
+QUICK = {"num_splits": (None, 8, 16), "block_n": (32, 64), "num_warps": (4,)}
+PATHS = ("unpack", "raw_asm")
 
 
 def _ms(fn, rep: int = 25) -> float:
@@ -68,7 +72,7 @@ def _peer(q: torch.Tensor, table: torch.Tensor, h: int, ctx: int, page: int, sca
 
 
 def bench_one(geom: str, ctx: int, label: str, batch: int, copy: float, sweep: dict, page: int = 16,
-              peer: str | None = None) -> dict:
+              peer: str | None = None, paths: tuple = PATHS) -> dict:
     h, hq, d = GEOMS[geom]
     kb, vb, kg, vg = CONFIGS[label]
     fmt = KVSlotFormat(d, k_bits=kb, v_bits=vb, k_group=kg, v_group=vg)
@@ -92,32 +96,44 @@ def bench_one(geom: str, ctx: int, label: str, batch: int, copy: float, sweep: d
     def ours(**kw):
         return lambda: decode.paged_decode_attention(q, cache, table, lo, hi, fk, fk, nf, fmt, scale, out=out, **kw)
 
-    ours()()
-    ref = out.float().clone()
-    trials, diff = [], 0.0
-    for ns in sweep["num_splits"]:
-        for bn in sweep["block_n"]:
-            for nw in sweep["num_warps"]:
-                fn = ours(num_splits=ns, block_n=bn, num_warps=nw)
-                fn()
-                diff = max(diff, float((out.float() - ref).abs().max()))
-                trials.append({"num_splits": ns, "block_n": bn, "num_warps": nw, "ms": round(_ms(fn), 4)})
-    best = min(trials, key=lambda t: t["ms"])
-    ms_default = _ms(ours())
     peer_name, peer_fn, peer_err = _peer(q, table, h, ctx, page, scale, peer)
     ms_peer = _ms(peer_fn)
     nbytes = batch * (ctx - 1) * h * fmt.slot_bytes
     peer_bytes = batch * ctx * h * d * 2 * 2
-    gbps = nbytes / best["ms"] / 1e6
+    ref, res = None, {}
+    for path in paths:
+        if path != "unpack" and not decode.raw_supported(fmt):
+            res[path] = {"skipped": f"{label} not supported by {path}"}
+            continue
+        ours(path=path)()
+        if ref is None:
+            ref = out.float().clone()
+        trials, diff = [], float((out.float() - ref).abs().max())
+        for ns in sweep["num_splits"]:
+            for bn in sweep["block_n"]:
+                for nw in sweep["num_warps"]:
+                    fn = ours(num_splits=ns, block_n=bn, num_warps=nw, path=path)
+                    fn()
+                    diff = max(diff, float((out.float() - ref).abs().max()))
+                    trials.append({"num_splits": ns, "block_n": bn, "num_warps": nw, "ms": round(_ms(fn), 4)})
+        best = min(trials, key=lambda t: t["ms"])
+        gbps = nbytes / best["ms"] / 1e6
+        res[path] = {"decode_ms": best["ms"], "best": {k: best[k] for k in ("num_splits", "block_n", "num_warps")},
+                     "default_ms": round(_ms(ours(path=path)), 4), "GBps": round(gbps, 1),
+                     "pct_of_copy": round(100 * gbps / copy, 1), "speedup_vs_peer": round(ms_peer / best["ms"], 3),
+                     "max_abs_diff_vs_default": diff, "sweep": trials}
+    ran = {k: v for k, v in res.items() if "decode_ms" in v}
+    top = min(ran, key=lambda k: ran[k]["decode_ms"])
     row = {"geom": geom, "ctx": ctx, "batch": batch, "config": label, "slot_bytes": fmt.slot_bytes,
            "bits_per_elem": round(fmt.bits_per_element(), 4), "capacity_vs_bf16": round(fmt.compression_vs(2), 3),
            "capacity_vs_fp8": round(fmt.compression_vs(1), 3),
-           "auto_num_splits": decode.auto_num_splits(batch, h, q.device),
-           "decode_ms": best["ms"], "best": {k: best[k] for k in ("num_splits", "block_n", "num_warps")},
-           "default_ms": round(ms_default, 4), "GBps": round(gbps, 1), "copy_GBps": round(copy, 1),
-           "pct_of_copy": round(100 * gbps / copy, 1), "peer": peer_name, "peer_ms": round(ms_peer, 4),
-           "peer_GBps": round(peer_bytes / ms_peer / 1e6, 1), "speedup_vs_peer": round(ms_peer / best["ms"], 3),
-           "max_abs_diff_vs_default": diff, "sweep": trials}
+           "auto_num_splits": decode.auto_num_splits(batch, h, q.device), "default_path":
+           decode.default_path(fmt, q.dtype, True), "best_path": top,
+           **{k: ran[top][k] for k in ("decode_ms", "best", "default_ms", "GBps", "pct_of_copy", "speedup_vs_peer")},
+           "copy_GBps": round(copy, 1), "peer": peer_name, "peer_ms": round(ms_peer, 4),
+           "peer_GBps": round(peer_bytes / ms_peer / 1e6, 1),
+           "speedup_by_path": {k: v["speedup_vs_peer"] for k, v in ran.items()},
+           "ms_by_path": {k: v["decode_ms"] for k, v in ran.items()}, "paths": res}
     if peer_err:
         row["peer_fallback_reason"] = peer_err
     return row
@@ -131,20 +147,22 @@ def main(argv=None) -> int:
     ap.add_argument("--peer", default="mxserve.vllm_plugin.bench_peers:kv_decode_peer",
                     help="MODULE:FUNC building the bf16 paged decode peer ('' = torch SDPA)")
     ap.add_argument("--geoms", default=",".join(GEOMS), help="comma list of " + ", ".join(GEOMS))
+    ap.add_argument("--paths", default=",".join(PATHS), help="comma list of " + ", ".join(decode.PATHS))
     args = ap.parse_args(argv)
     sweep = QUICK if args.quick else SWEEP
     t0 = time.time()
     copy = copy_gbps()
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch_8k": args.batch,
             "batch_32k": max(args.batch // 4, 1), "copy_GBps": round(copy, 1),
-            "sms": torch.cuda.get_device_properties(0).multi_processor_count, "sweep": sweep}
+            "sms": torch.cuda.get_device_properties(0).multi_processor_count, "sweep": sweep,
+            "paths": args.paths.split(",")}
     rows = []
     for geom in args.geoms.split(","):
         for ctx in (8192, 32768):
             for label in CONFIGS:
                 rows.append(bench_one(geom, ctx, label, args.batch if ctx <= 8192 else max(args.batch // 4, 1),
-                                      copy, sweep, peer=args.peer or None))
-                print({k: v for k, v in rows[-1].items() if k != "sweep"}, flush=True)
+                                      copy, sweep, peer=args.peer or None, paths=tuple(args.paths.split(","))))
+                print({k: v for k, v in rows[-1].items() if k != "paths"}, flush=True)
                 _write(args.json, {"meta": {**meta, "seconds": round(time.time() - t0, 1)}, "rows": rows})
     return 0
 

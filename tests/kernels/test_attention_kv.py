@@ -1,4 +1,5 @@
-"""GPU: Triton KV store (bit-exact) and paged decode (vs fp32 reference over the same pages) at real shapes."""
+"""GPU: Triton KV store (bit-exact) and paged decode (vs fp32 reference over the same pages) at real shapes, for every
+packed-split path (``decode.PATHS``)."""
 from __future__ import annotations
 
 import pytest
@@ -16,6 +17,24 @@ GEOM = [("A3B-gqa8", 4, 32, 128), ("llama8b-gqa4", 8, 32, 128)]  # (name, H_kv, 
 @pytest.mark.parametrize("geom", GEOM, ids=[g[0] for g in GEOM])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_store_and_decode(fmt_case, geom, dtype):
+    _store_and_decode(fmt_case, geom, dtype, None)
+
+
+RAW_FMTS = [f for f in FMTS if f[0] != "K8V8"]
+
+
+@pytest.mark.parametrize("fmt_case", RAW_FMTS, ids=[f[0] for f in RAW_FMTS])
+@pytest.mark.parametrize("geom", GEOM, ids=[g[0] for g in GEOM])
+@pytest.mark.parametrize("path,dtype", [("raw_asm", torch.bfloat16), ("raw_asm", torch.float16),
+                                        ("raw", torch.bfloat16), ("raw", torch.float32), ("unpack", torch.bfloat16)],
+                         ids=["raw_asm-bf16", "raw_asm-fp16", "raw-bf16", "raw-fp32", "unpack-bf16"])
+def test_decode_paths(fmt_case, geom, path, dtype):
+    """Every packed-split implementation (dot on raw codes with the PTX unpack, its portable twin, the unpack
+    fallback) vs the fp32 reference over the same pages, at the swept tilings."""
+    _store_and_decode(fmt_case, geom, dtype, path)
+
+
+def _store_and_decode(fmt_case, geom, dtype, path):
     _, kb, vb, kg, vg = fmt_case
     _, h, hq, d = geom
     fmt = KVSlotFormat(d, k_bits=kb, v_bits=vb, k_group=kg, v_group=vg)
@@ -45,14 +64,16 @@ def test_store_and_decode(fmt_case, geom, dtype):
     ref = R.paged_decode_attention(q.float(), cache_t, table, lo, hi, fk.float(), fv.float(), nf, fmt, d ** -0.5,
                                    kp, vp)
     # the tilings the bench sweeps: split counts (auto included), blocks that straddle pages, warps
-    for ns, bn, nw in [(16, 64, 8), (None, 64, 8), (1, 32, 4), (7, 128, 8), (32, 16, 4)]:
+    for ns, bn, nw in [(16, 64, 8), (None, 64, 8), (1, 32, 4), (7, 128, 8), (32, 16, 4), (4, 64, 2), (8, 32, 1)]:
         out = decode.paged_decode_attention(q, cache_t, table, lo, hi, fk, fv, nf, fmt, d ** -0.5, kp, vp,
-                                            num_splits=ns, block_n=bn, num_warps=nw)
-        torch.testing.assert_close(out.float(), ref, **ATTENTION[dtype], msg=f"splits={ns} block={bn} warps={nw}")
+                                            num_splits=ns, block_n=bn, num_warps=nw, path=path)
+        torch.testing.assert_close(out.float(), ref, **ATTENTION[dtype],
+                                   msg=f"path={path} splits={ns} block={bn} warps={nw}")
     one = decode.paged_decode_attention(q[2:3], cache_t, table[2:3], lo[2:3], hi[2:3], fk[2:3], fv[2:3], nf[2:3],
-                                        fmt, d ** -0.5, kp, vp, num_splits=16)
+                                        fmt, d ** -0.5, kp, vp, num_splits=16, path=path)
     torch.testing.assert_close(out[2:3], one, **ATTENTION[dtype])
     buf = torch.empty(b, hq, d, device=dev, dtype=torch.float32)  # caller's buffer, other dtype than q
-    res = decode.paged_decode_attention(q, cache_t, table, lo, hi, fk, fv, nf, fmt, d ** -0.5, kp, vp, out=buf)
+    res = decode.paged_decode_attention(q, cache_t, table, lo, hi, fk, fv, nf, fmt, d ** -0.5, kp, vp, out=buf,
+                                        path=path)
     assert res is buf
     torch.testing.assert_close(buf, ref, **ATTENTION[dtype])

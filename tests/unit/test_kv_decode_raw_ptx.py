@@ -41,7 +41,7 @@ def run_ptx(src: str, half: int, n_out: int) -> list[int]:
             continue
         op, args = line.split(None, 1)
         a = [x.strip() for x in re.split(r",(?![^{]*})", args)]
-        v = lambda t: _imm(t, reg)  # noqa: E731
+        v = lambda t: _imm(t, reg)
         if op == "mov.b32" and a[1].startswith("{"):  # pack two 16-bit halves
             lo, hi = (x.strip() for x in a[1].strip("{}").split(","))
             reg[a[0]] = (reg[hi] << 16) | reg[lo]
