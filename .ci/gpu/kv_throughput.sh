@@ -6,6 +6,8 @@
 # $OUT/kv_throughput.json (rewritten atomically after every variant); full logs in $OUT/kv_throughput_logs/.
 # Usage (GPU machine, repo root): source .gpukit/install.sh && bash .ci/gpu/kv_throughput.sh [num_prompts]
 #   env: KVTP_TIMEOUT (per variant, s, default 110), KVTP_BUDGET (total, s, default 500), KVTP_VARIANTS (comma list)
+# --max-model-len 10240, not 8448: on 2026-11-22 every variant died on "max_model_len is greater than the sum of
+# prompt_len and expected_output_len" at 8448 (the random dataset's re-tokenized prompts run past 8192 tokens).
 # Prefill: --max-num-batched-tokens 16384 keeps every 8k prompt in one chunk for all variants, so our prefill takes
 # its causal flash path (no cached context to dequantize); decode = the packed-page kernel (default path).
 set -uo pipefail
@@ -46,7 +48,7 @@ for v in ${VARIANTS//,/ }; do
   esac
   echo "== $v at $(elapsed) s: $M ${ARGS[*]}"
   timeout -k 10 "$TMO" vllm bench throughput --model "$M" "${ARGS[@]}" --dataset-name random \
-    --random-input-len 8192 --random-output-len 256 --num-prompts "$NP" --max-model-len 8448 \
+    --random-input-len 8192 --random-output-len 256 --num-prompts "$NP" --max-model-len 10240 \
     --max-num-batched-tokens 16384 --seed 0 > "$LOGS/$v.log" 2>&1
   echo $? > "$LOGS/$v.rc"
   grep -E "Throughput:|GPU KV cache size" "$LOGS/$v.log" | tail -2
