@@ -134,9 +134,13 @@ class ExpertCache:
 
     # ---- per step --------------------------------------------------------------------------------------------
     def _hist(self, ids: torch.Tensor) -> torch.Tensor:
-        ids = ids.reshape(-1)
-        ids = ids[ids >= 0].to(torch.int64)          # -1: experts not on this rank (EP expert_map)
-        return torch.bincount(ids, minlength=self.E)[: self.E]
+        """[E] int64 tokens per expert of ``ids`` (any shape; -1 = not on this rank under EP), without a host sync:
+        boolean-mask indexing (``ids[ids >= 0]``) and CUDA ``bincount`` (which reads ``max()`` back) each block
+        on the GPU; a scatter-add into a fixed [E + 1] histogram (bin 0: the -1 entries) does not."""
+        ids = ids.reshape(-1).to(torch.int64)
+        ids = torch.where((ids >= 0) & (ids < self.E), ids + 1, 0)
+        hist = torch.zeros(self.E + 1, dtype=torch.int64, device=ids.device)
+        return hist.scatter_add_(0, ids, torch.ones_like(ids))[1:]
 
     def _counts(self, ids: torch.Tensor) -> np.ndarray:
         return self._hist(ids).cpu().numpy()         # the one host sync per layer
