@@ -92,6 +92,7 @@ class _Victims:
         self.order: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None   # (l, e, level) in policy order
         self.ptr = 0
         self.heap: list = []
+        self._best: tuple | None = None          # remembered (key, l, e) of the best valid candidate
 
     def key(self, l: int, e: int) -> tuple:
         dist = (l - self.layer - 1) % self.s.L          # layers until next use: l+1 -> 0, this layer -> L-1
@@ -138,28 +139,40 @@ class _Victims:
             self.ptr += 1
 
     def pop(self, limit: tuple | None) -> tuple[int, int] | None:
-        """Best victim (l, e) with key < ``limit`` (any if None), or None."""
+        """Best victim (l, e) with key < ``limit`` (any if None), or None.
+
+        The best candidate is remembered until it is popped, a base is exposed or ``invalidate()``: a background
+        load whose limit it fails (most of them at a small budget) then costs one tuple comparison.
+        """
         if self.order is None:
             self._build()
-        while self.heap and (self.pinned[self.heap[0][1], self.heap[0][2]]
-                             or self.s.level[self.heap[0][1], self.heap[0][2]] != BASE):
-            heapq.heappop(self.heap)
-        cands = [c for c in (self._head(), self.heap[0] if self.heap else None) if c is not None]
-        if not cands:
-            return None
-        key, l, e = min(cands)
+        if self._best is None:
+            while self.heap and (self.pinned[self.heap[0][1], self.heap[0][2]]
+                                 or self.s.level[self.heap[0][1], self.heap[0][2]] != BASE):
+                heapq.heappop(self.heap)
+            cands = [c for c in (self._head(), self.heap[0] if self.heap else None) if c is not None]
+            if not cands:
+                return None
+            self._best = min(cands)
+        key, l, e = self._best
         if limit is not None and not key < limit:
             return None
-        if self.heap and (key, l, e) == self.heap[0]:
+        if self.heap and self._best == self.heap[0]:
             heapq.heappop(self.heap)
         else:
             self.ptr += 1
+        self._best = None
         return l, e
+
+    def invalidate(self) -> None:
+        """``pinned`` changed: forget the remembered best candidate."""
+        self._best = None
 
     def exposed_base(self, l: int, e: int) -> None:
         """An upper slot was evicted: (l, e)'s base is now its top slot and a candidate."""
         if self.order is not None:
             heapq.heappush(self.heap, (self.key(l, e), l, e))
+            self._best = None
 
 
 class Policy:
@@ -279,6 +292,7 @@ class Policy:
                     continue
                 pred = np.asarray(pred)
                 pinned[l2, pred > 0] = True
+                victims.invalidate()
                 background(l2, pred)
         # -- backfill: upper planes this layer ran without, for its next visit ------------------------------------
         if capped:

@@ -27,16 +27,20 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from mxserve import envs
 from mxserve.scheduler.config import OffloadConfig
-from mxserve.scheduler.layout import PlaneLayout
+from mxserve.scheduler.layout import LEVELS, PlaneLayout
 from mxserve.vllm_plugin.loading import check_loaded, fill_dummy_, is_dummy_load
 from mxserve.vllm_plugin.moe_method import MxMoEMethod, region_view
 from mxserve_kernels.formats import WeightScheme
+
+if TYPE_CHECKING:
+    from mxserve_kernels.moe.weights import MoEWeights
 
 logger = logging.getLogger("mxserve")
 
@@ -307,6 +311,27 @@ class OffloadRuntime:
             self.cache.preload()
 
 
+    def warm_weights(self) -> "MoEWeights":
+        """Slot-pool ``MoEWeights`` with every expert routed at the top run level (slots 0: in bounds, contents
+        irrelevant) for the kernel warm-up: the kinds mask is ``SLOT_KINDS`` whatever the run levels, residency or
+        caps, so the Triton keys of the offload path depend on T only, exactly as for a resident layer."""
+        from mxserve_kernels.moe.slot_weights import slot_moe_weights
+        E = self.cache.E
+        tables = torch.zeros((3, E), dtype=torch.int32, device=self.wbf.device)
+        tables[2] = max(LEVELS)
+        return slot_moe_weights(self.cache.pool.buf, tables, *self.offsets, wbf=self.wbf)
+
+    def warm(self, top_k: int, expert_map: torch.Tensor | None) -> int:
+        """Compile every Triton binary the offload path can launch at T <= max_num_batched_tokens, at load
+        (``kernel_adapter.warm_kernels``; no-op off the GPU, with MXSERVE_KERNEL_WARMUP=0 or an empty pool).
+        Without it the first batches of each new T bucket compiled ``grouped_gemm_kernel`` / ``moe_align_kernel``
+        inside serving (vLLM's JIT monitor warned during the timed windows). Returns the forwards run."""
+        from mxserve.vllm_plugin import kernel_adapter as ka
+        if self.cache is None or self.cache.S == 0:
+            return 0
+        return ka.warm_kernels(self.warm_weights(), top_k=top_k, expert_map=expert_map)
+
+
 class OffloadMoEMethod(MxMoEMethod):
     """``MxMoEMethod`` whose experts live in the model's ``OffloadRuntime`` (nested schemes only).
 
@@ -349,6 +374,8 @@ class OffloadMoEMethod(MxMoEMethod):
         for name in layer._mx_params:
             delattr(layer, name)
         del layer._mx_layout, layer._mx_loaded
+        if len(self.runtime.processed) == self.runtime.L:
+            self.runtime.warm(self.moe.experts_per_token, getattr(layer, "expert_map", None))
 
     def _next_router(self) -> torch.Tensor | None:
         """The next MoE layer's router weight [E, H] (None: last layer, no context, or no gate in the runner)."""
