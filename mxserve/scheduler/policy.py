@@ -104,13 +104,14 @@ class _Victims:
     def _build(self) -> None:
         """Snapshot the candidates' keys (state as of the first pop) and sort the first ``PREFIX`` of them."""
         s = self.s
-        ls, es = np.nonzero((s.level > 0) & ~self.pinned)
-        lv = s.level[ls, es]
+        flat = np.flatnonzero((s.level > 0) & ~self.pinned)
+        ls, es = np.divmod(flat, s.E)
+        lv = s.level.ravel()[flat]
         if self.kind == "hebf":
-            prim = s.hot[ls, es] * np.where(lv == BASE, self.base_w, 1.0)
+            prim = s.hot.ravel()[flat] * np.where(lv == BASE, self.base_w, 1.0)
         else:
-            prim = s.last_use[ls, es].astype(np.float64)
-        self._cand = (ls, es, lv, prim, -((ls - self.layer - 1) % s.L), ls * s.E + es)
+            prim = s.last_use.ravel()[flat].astype(np.float64)
+        self._cand = (ls, es, lv, prim, -((ls - self.layer - 1) % s.L), flat)
         self._sort(self.PREFIX)
 
     def _sort(self, m: int) -> None:
