@@ -116,7 +116,8 @@ def slot_einfo(tables: torch.Tensor, offs: SlotOffsets, cap: torch.Tensor | None
 
 
 def slot_projection(buf: torch.Tensor, tables: torch.Tensor, offs: SlotOffsets,
-                    wbf: torch.Tensor | None = None, cap: torch.Tensor | None = None) -> PackedWeights:
+                    wbf: torch.Tensor | None = None, cap: torch.Tensor | None = None,
+                    einfo: torch.Tensor | None = None) -> PackedWeights:
     """One projection of every expert, read straight from the slot pool.
 
     Args:
@@ -125,6 +126,8 @@ def slot_projection(buf: torch.Tensor, tables: torch.Tensor, offs: SlotOffsets,
         offs: the projection's offsets.
         wbf: a 1-element bf16 placeholder (no bf16 experts here); allocated if None.
         cap: optional [E] per-expert prefix cap of this projection (``slot_einfo``).
+        einfo: optional precomputed [E, NFIELDS] int64 table on ``buf``'s device, equal to
+            ``slot_einfo(tables, offs, cap)`` (the offload runtime fills it on the host: no per-field launches).
     Returns:
         PackedWeights whose ``qw``/``pw``/``meta`` are views of ``buf`` (no copy) and ``kinds`` = ``SLOT_KINDS``.
     """
@@ -136,18 +139,22 @@ def slot_projection(buf: torch.Tensor, tables: torch.Tensor, offs: SlotOffsets,
     if wbf is None:
         wbf = torch.zeros(1, dtype=torch.bfloat16, device=buf.device)
     return PackedWeights(qw=words, pw=words, meta=flat.view(offs.meta_dtype), wbf=wbf,
-                         einfo=slot_einfo(tables, offs, cap), n=offs.n, k=offs.k, kinds=SLOT_KINDS)
+                         einfo=slot_einfo(tables, offs, cap) if einfo is None else einfo, n=offs.n, k=offs.k,
+                         kinds=SLOT_KINDS)
 
 
 def slot_moe_weights(buf: torch.Tensor, tables: torch.Tensor, gate_up: SlotOffsets, down: SlotOffsets,
                      wbf: torch.Tensor | None = None,
-                     caps: tuple[torch.Tensor, torch.Tensor] | None = None) -> MoEWeights:
+                     caps: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     einfo: tuple[torch.Tensor, torch.Tensor] | None = None) -> MoEWeights:
     """``MoEWeights`` of one layer over the slot pool (for ``fused_moe``).
 
     Args:
         buf: [S, slot_bytes] uint8 slot pool. tables: [3, E] int32. gate_up: offsets of the [2I, H] projection.
         down: offsets of the [H, I] projection. wbf: optional shared 1-element bf16 placeholder.
         caps: optional ([E], [E]) per-expert prefix caps of gate_up and down (``slot_einfo``).
+        einfo: optional precomputed ([E, NFIELDS], [E, NFIELDS]) tables of gate_up and down (``slot_projection``);
+            ``tables`` and ``caps`` are then not read.
     Returns:
         MoEWeights (hidden = H, inter = I).
     """
@@ -157,5 +164,6 @@ def slot_moe_weights(buf: torch.Tensor, tables: torch.Tensor, gate_up: SlotOffse
     if wbf is None:
         wbf = torch.zeros(1, dtype=torch.bfloat16, device=buf.device)
     cg, cd = caps if caps is not None else (None, None)
-    return MoEWeights(slot_projection(buf, tables, gate_up, wbf, cg), slot_projection(buf, tables, down, wbf, cd),
-                      hidden=down.n, inter=down.k)
+    eg, ed = einfo if einfo is not None else (None, None)
+    return MoEWeights(slot_projection(buf, tables, gate_up, wbf, cg, eg),
+                      slot_projection(buf, tables, down, wbf, cd, ed), hidden=down.n, inter=down.k)
