@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import weakref
 
+import numpy as np
 import torch
 
 from mxserve.scheduler.layout import BASE, LEVELS, PlaneLayout
@@ -267,9 +268,12 @@ class TransferEngine:
         """
         if not self.cuda:
             return
+        if not self._events:
+            return
         compute = torch.cuda.current_stream(self.pool.buf.device)
         seen = set()
-        for e, rl in enumerate(run_level):
+        for e in np.flatnonzero(np.asarray(run_level) > 0).tolist():      # routed experts only (not all E)
+            rl = int(run_level[e])
             for lv in LEVELS:
                 if lv <= rl:
                     ev = self._events.pop((layer, e, lv), None)
