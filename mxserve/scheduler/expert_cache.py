@@ -93,6 +93,9 @@ class ExpertCache:
         self.state = Residency(num_layers, num_experts, self.S, cfg.hot_decay)
         self.policy = Policy(cfg, layout.plane_bytes, self.target)
         self.tm = time_model or TimeModel(h2d_gbps=cfg.h2d_gbps)
+        self._expert_us = np.zeros(max(LEVELS) + 1)                   # [level] TimeModel.expert_us as an array
+        for lv, us in self.tm.expert_us.items():
+            self._expert_us[lv] = us
         self.counters = OffloadCounters()
         self._tables_host = torch.zeros((num_layers, 3, num_experts), dtype=torch.int32, pin_memory=cuda)
         self._tables_dev = torch.full((num_layers, 3, num_experts), -1, dtype=torch.int32, device=self.device)
@@ -187,7 +190,8 @@ class ExpertCache:
         self.state.observe(layer, counts, self._tick)
         tgt = self.target[layer]
         resident = (counts > 0) & (self.state.level[layer] >= tgt)
-        window = sum(self.tm.expert_time(int(counts[e]), int(tgt[e])) for e in np.nonzero(resident)[0])
+        # compute of the experts already at their target (TimeModel.expert_time, vectorised over the [E] rows)
+        window = float((self._expert_us[tgt[resident]] + self.tm.token_us * counts[resident]).sum())
         backlog = max(self._copy_end_us - time.perf_counter() * 1e6, 0.0)
         plan = self.policy.plan(self.state, layer, counts, None, window_us=window, backlog_us=backlog)
         routed = counts > 0
@@ -201,8 +205,9 @@ class ExpertCache:
         c.hits += plan.hits
         c.misses += plan.misses
         c.degraded += plan.degraded
-        for e in np.nonzero(counts)[0]:
-            c.plane_mix[int(plan.run_level[e])] += int(counts[e])
+        mix = np.bincount(plan.run_level, weights=counts, minlength=max(LEVELS) + 1)
+        for lv in LEVELS:
+            c.plane_mix[lv] += int(mix[lv])
         if self._measure:
             t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             t0.record()
