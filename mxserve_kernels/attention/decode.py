@@ -16,6 +16,8 @@ if HAS_TRITON:
 
 _MIN_DOT = 16  # tl.dot needs every dim >= 16
 DEFAULT_BLOCK_N = 32  # H200 sweep (docs/results/2026-11-22_h200_session4.md): block 32 / 4 warps best in all 12 rows
+RAW_ASM_BLOCK_N = 64  # "raw_asm" (session 5 quick sweep, docs/results/2026-11-22_h200_session5.md): block 64 /
+#                       4 warps best in 5 of 6 A3B rows (8k x 32 K2V1.5 0.231 ms vs 0.250 ms at block 32)
 DEFAULT_NUM_WARPS = 4  # (at block 64, 4 warps spill for K4V2: 225-255 regs/thread; 8 warps were the old default)
 _TARGET_PROGRAMS_PER_SM = 8  # same sweep: ~8 programs per SM picks the best split count (or within 2 %)
 # Packed-split implementations: "unpack" = dequantize every element then dot (the session-4 kernel, any format);
@@ -81,7 +83,7 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: to
                            pk_hi: torch.Tensor, fp_k: torch.Tensor, fp_v: torch.Tensor, fp_len: torch.Tensor,
                            fmt: KVSlotFormat, scale: float, k_perm: torch.Tensor | None = None,
                            v_perm: torch.Tensor | None = None, num_splits: int | None = None,
-                           block_n: int = DEFAULT_BLOCK_N, out: torch.Tensor | None = None,
+                           block_n: int | None = None, out: torch.Tensor | None = None,
                            num_warps: int = DEFAULT_NUM_WARPS, path: str | None = None) -> torch.Tensor:
     """out[b] = softmax(q[b] . [K_packed[pk_lo:pk_hi]; fp_k[b,:fp_len]] * scale) @ [V_packed; fp_v].
 
@@ -91,7 +93,8 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: to
         fp_k, fp_v: [B, F, H, D] full-precision tokens; fp_len: [B] int32 (<= F).
         fmt: slot format; scale: softmax scale; k_perm, v_perm: [H, D] int32 channel orders or None.
         num_splits: split-K programs per (request, kv head) over the packed range (None: ``auto_num_splits``,
-            a function of B and H only); block_n: tokens per tile (rounded up to a power of two >= 16); num_warps: per program.
+            a function of B and H only); block_n: tokens per tile (rounded up to a power of two >= 16; default 64
+            for "raw_asm", else 32); num_warps: per program.
         out: optional [B, Hq, D] output buffer (any float dtype, last dim contiguous).
         path: packed-split implementation, one of ``PATHS`` (None: ``default_path``); ignored on the CPU reference.
     Returns:
@@ -114,6 +117,8 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: to
         raise ValueError("paged_decode_attention: q / fp_k / fp_v need a contiguous last dim and equal fp strides")
     path = path if path is not None else default_path(fmt, q.dtype, q.is_cuda)
     _check_path(path, fmt, q)
+    if block_n is None:
+        block_n = RAW_ASM_BLOCK_N if path == "raw_asm" else DEFAULT_BLOCK_N
     bn = max(_pow2(block_n), _MIN_DOT)
     ns = num_splits if num_splits is not None else auto_num_splits(b, h, q.device)
     if ns < 1:
