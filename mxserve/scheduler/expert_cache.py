@@ -265,7 +265,9 @@ class ExpertCache:
 
     def publish_metrics(self) -> None:
         """Publish ``snapshot()`` under the side-channel section ``"offload"`` (rate-limited by the side channel)."""
-        from mxserve.metrics import sidechannel      # lazy: prometheus_client only where metrics are used
+        from mxserve.metrics import (
+            sidechannel,  # lazy: prometheus_client only where metrics are used
+        )
         sidechannel.publish("offload", self.snapshot())
 
     def stats(self) -> dict:

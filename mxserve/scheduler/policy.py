@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mxserve.scheduler.cache import KIND_BASE, Residency
+from mxserve.scheduler.cache import Residency
 from mxserve.scheduler.config import OffloadConfig
 from mxserve.scheduler.layout import BASE, LEVELS
 

@@ -323,7 +323,7 @@ class OffloadRuntime:
         self._einfo_host = torch.zeros(shape, dtype=torch.int64, pin_memory=torch.device(device).type == "cuda")
         self._einfo_dev = torch.zeros(shape, dtype=torch.int64, device=device)
 
-    def slot_weights(self, layer: int, view) -> "MoEWeights":
+    def slot_weights(self, layer: int, view) -> MoEWeights:
         """``MoEWeights`` of ``layer`` over the slot pool for the ``SlotView`` that ``ensure`` just returned.
 
         Both projections' ``einfo`` are filled on the host from the view's host tables (``slot_tables``) and moved
@@ -343,7 +343,7 @@ class OffloadRuntime:
         dev.copy_(host, non_blocking=True)
         return slot_moe_weights(view.pool.buf, view.tables, *self.offsets, wbf=self.wbf, einfo=(dev[0], dev[1]))
 
-    def warm_weights(self) -> "MoEWeights":
+    def warm_weights(self) -> MoEWeights:
         """Slot-pool ``MoEWeights`` with every expert routed at the top run level (slots 0: in bounds, contents
         irrelevant) for the kernel warm-up: the kinds mask is ``SLOT_KINDS`` whatever the run levels, residency or
         caps, so the Triton keys of the offload path depend on T only, exactly as for a resident layer."""

@@ -5,7 +5,6 @@ their int2 base, per-projection prefix caps, several token counts) is one the wa
 launch. Keys come from Triton's own binder (the recorder of ``test_kernel_warmup_counts``)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -52,7 +51,8 @@ def _served_keys(keys_at, rt: OffloadRuntime, levels_seen: set) -> frozenset:  #
                 w = slot_moe_weights(view.pool.buf, view.tables, *rt.offsets, wbf=rt.wbf,
                                      caps=caps if l == 1 else None)
                 x = torch.zeros(t, H, dtype=torch.bfloat16)
-                out |= keys_at(lambda: fused_moe(x, w, torch.full((t, K), 1.0 / K), ids, activation="silu"))
+                out |= keys_at(lambda x=x, w=w, t=t, ids=ids: fused_moe(x, w, torch.full((t, K), 1.0 / K), ids,
+                                                                        activation="silu"))
     return frozenset(out)
 
 
@@ -61,8 +61,8 @@ def _warm_keys(keys_at, rt: OffloadRuntime, counts: list[int]) -> frozenset:  # 
     out: set = set()
     for t in counts:
         x = torch.zeros(t, H, dtype=torch.bfloat16)
-        out |= keys_at(lambda: fused_moe(x, w, torch.full((t, K), 1.0 / K),
-                                         warmup._spread_ids(t, K, E, "cpu"), activation="silu"))
+        out |= keys_at(lambda x=x, t=t: fused_moe(x, w, torch.full((t, K), 1.0 / K),
+                                                  warmup._spread_ids(t, K, E, "cpu"), activation="silu"))
     return frozenset(out)
 
 
