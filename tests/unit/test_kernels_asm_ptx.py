@@ -6,60 +6,13 @@ executed by a small emulator of the instructions it uses, on CPU: every code slo
 where inline PTX cannot run."""
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
 from mxserve_kernels.moe.grouped_gemm_kernels import _dq4_asm, _dq_asm
-
-
-def _bf16_bits(x: float) -> int:
-    return int(torch.tensor([x], dtype=torch.float32).to(torch.bfloat16).view(torch.int16).item()) & 0xFFFF
-
-
-def _bf16_val(bits: int) -> float:
-    return float(torch.tensor([bits if bits < 0x8000 else bits - 0x10000], dtype=torch.int16)
-                 .view(torch.bfloat16).float().item())
-
-
-def _fma_bf16(a: int, b: int, c: int) -> int:
-    """One lane of fma.rn.bf16x2: a*b+c exact in fp64 (bf16 inputs), one rounding to bf16 (via fp32: exact here)."""
-    return _bf16_bits(_bf16_val(a) * _bf16_val(b) + _bf16_val(c))
-
-
-def run_ptx(src: str, inputs: list[int], n_out: int) -> list[int]:
-    """Execute the dequant PTX; ``inputs`` are operands ``$n_out, $n_out+1, ...``; returns the 16-bit outputs
-    ``$0 .. $(n_out-1)``."""
-    reg: dict[str, int] = {f"${n_out + i}": v for i, v in enumerate(inputs)}
-    val = lambda t: int(t, 16) if t.startswith("0x") else reg[t]  # noqa: E731
-    for line in (ln.strip().rstrip(";") for ln in src.splitlines()):
-        if line in ("{", "}", "") or line.startswith(".reg"):
-            continue
-        op, args = line.split(None, 1)
-        a = [x.strip() for x in re.split(r",(?![^{]*})", args)]
-        if op == "mov.b32" and a[1].startswith("{"):    # pack two halves
-            lo, hi = (x.strip() for x in a[1].strip("{}").split(","))
-            reg[a[0]] = (reg[hi] << 16) | reg[lo]
-        elif op == "mov.b32" and a[0].startswith("{"):  # unpack into two halves
-            lo, hi = (x.strip() for x in a[0].strip("{}").split(","))
-            reg[lo], reg[hi] = reg[a[1]] & 0xFFFF, reg[a[1]] >> 16
-        elif op == "mov.b32":
-            reg[a[0]] = val(a[1])
-        elif op == "lop3.b32":
-            assert a[4] == "0xea", "emulator knows (a & b) | c only"
-            reg[a[0]] = (val(a[1]) & val(a[2])) | val(a[3])
-        elif op == "shr.u32":
-            reg[a[0]] = val(a[1]) >> int(a[2])
-        elif op == "shl.b32":
-            reg[a[0]] = (val(a[1]) << int(a[2])) & 0xFFFFFFFF
-        elif op == "fma.rn.bf16x2":
-            x, y, z = val(a[1]), val(a[2]), val(a[3])
-            lanes = [_fma_bf16((x >> k) & 0xFFFF, (y >> k) & 0xFFFF, (z >> k) & 0xFFFF) for k in (0, 16)]
-            reg[a[0]] = (lanes[1] << 16) | lanes[0]
-        else:
-            raise AssertionError(f"unknown instruction {line!r}")
-    return [reg[f"${i}"] for i in range(n_out)]
+from tests.unit._ptx_emulator import bf16_bits as _bf16_bits
+from tests.unit._ptx_emulator import bf16_val as _bf16_val
+from tests.unit._ptx_emulator import run_ptx
 
 
 def _random_sz(g: torch.Generator) -> tuple[int, int]:
