@@ -126,6 +126,24 @@ def test_base_degradation_runs_lower_prefix(vllm_cpu):
     assert sum(mix.values()) == 3 * 2 * T * TOPK and mix.get(0, 0) == 0
 
 
+def test_kernel_warmup_runs_once_over_the_slot_pool(vllm_cpu, monkeypatch):
+    """The offload path warms its kernels at load like the resident one (it compiled inside serving before): one
+    ``warm_kernels`` call after the last layer, over slot-pool weights with the static ``SLOT_KINDS`` mask."""
+    from mxserve.vllm_plugin import kernel_adapter
+    from mxserve_kernels.moe.slot_weights import SLOT_KINDS
+    calls = []
+    monkeypatch.setattr(kernel_adapter, "warm_kernels", lambda w, top_k=None, expert_map=None: calls.append(
+        (w, top_k, expert_map)) or 0)
+    qc, off = _model(vllm_cpu, {"version": 1, "gpu_budget_fraction": 0.5})
+    _load(off)
+    assert len(calls) == 1, calls
+    w, top_k, _ = calls[0]
+    pool = qc.offload_runtime().cache.pool.buf
+    assert top_k == TOPK and w.num_experts == E
+    assert w.w13.kinds_mask == w.w2.kinds_mask == SLOT_KINDS
+    assert w.w13.qw.data_ptr() == pool.data_ptr() and w.w2.meta.data_ptr() == pool.data_ptr()
+
+
 def test_non_nested_expert_is_named(vllm_cpu):
     from mxserve.vllm_plugin.offload_method import OffloadSetupError
     schemes = ["int4_g32_asym"] + SCHEMES[1:]
