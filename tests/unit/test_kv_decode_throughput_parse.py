@@ -62,3 +62,54 @@ def test_zero_exit_without_throughput_line_is_a_failure(tmp_path):
     (tmp_path / "x.rc").write_text("0")
     e = P.variant_entry(str(tmp_path / "x.log"), str(tmp_path / "x.rc"))
     assert e["status"] == "failed" and e["kv_cache_tokens"] == 1000 and "log_tail" in e
+
+
+def _dead_engine_log() -> str:
+    """An engine that died in prefill as vLLM 0.26 prints it: the engine core's logger.exception block (process
+    prefix on every line, level/date prefix on the first), then the client's EngineDeadError traceback."""
+    core = "(EngineCore pid=1363) "
+    return "\n".join([
+        f"{core}INFO 11-22 13:32:15 [kv_cache_utils.py:2177] GPU KV cache size: 114,210,608 tokens",
+        f"{core}WARNING 11-22 13:32:16 [utils.py:10] some benign warning",
+        f"{core}ERROR 11-22 13:32:31 [core.py:1100] EngineCore encountered a fatal error.",
+        f"{core}Traceback (most recent call last):",
+        f'{core}  File "/tmp/gpusite/vllm/v1/engine/core.py", line 1091, in run_engine_core',
+        f"{core}    engine_core.run_busy_loop()",
+        f'{core}  File "/work/mxserve_kernels/attention/prefill.py", line 60, in paged_prefill_attention',
+        f"{core}    o = F.scaled_dot_product_attention(",
+        f"{core}torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB. GPU 0 has a total "
+        "capacity of 139.81 GiB of which 5.12 GiB is free.",
+        "Rendering prompts:  16%|#5        | 10/64 [00:00<00:05, 10.13it/s]",
+        "Traceback (most recent call last):",
+        '  File "/tmp/gpusite/vllm/v1/engine/core_client.py", line 672, in ensure_alive',
+        "    raise EngineDeadError()",
+        "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue. See stack trace (above) for "
+        "the root cause.",
+        "kv_throughput: rc=1",
+    ])
+
+
+def test_dead_engine_keeps_engine_core_first_error_and_rc_trailer(tmp_path):
+    (tmp_path / "mxmoe-K2V1.5.log").write_text(_dead_engine_log())  # no .rc file: the trailer carries it
+    e = P.variant_entry(str(tmp_path / "mxmoe-K2V1.5.log"), str(tmp_path / "mxmoe-K2V1.5.rc"))
+    assert e["status"] == "failed" and e["rc"] == 1 and e["kv_cache_tokens"] == 114210608
+    assert e["root_cause"].startswith("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB")
+    block = e["first_error"].splitlines()
+    assert "Traceback (most recent call last):" in block and "EngineCore encountered a fatal error." in block
+    assert any(x.startswith('  File "/work/mxserve_kernels/attention/prefill.py"') for x in block)  # prefix gone
+    assert "kv_throughput: rc=1" not in e["log_tail"] and "EngineDeadError" in e["log_tail"]
+
+
+def test_first_error_falls_back_to_client_traceback_and_error_lines():
+    client_only = "\n".join(_dead_engine_log().splitlines()[10:])
+    got = P.first_error(client_only)
+    assert got["root_cause"].startswith("vllm.v1.engine.exceptions.EngineDeadError:")
+    got = P.first_error("INFO loading\nValueError: max_model_len is greater than the sum\nmore")
+    assert got["root_cause"].startswith("ValueError: max_model_len") and got["first_error"].endswith("more")
+    assert P.first_error("INFO all fine\nThroughput: 1.00 requests/s") == {}
+
+
+def test_trailer_wins_over_stale_rc_file(tmp_path):
+    (tmp_path / "x.log").write_text(_log(1.0, 9000.0, 400.0, 1000) + "\nkv_throughput: rc=0\n")
+    (tmp_path / "x.rc").write_text("1")
+    assert P.variant_entry(str(tmp_path / "x.log"), str(tmp_path / "x.rc"))["status"] == "ok"
