@@ -24,7 +24,8 @@ from mxserve_kernels._common.configs import write_json_atomic
 from mxserve_kernels._common.layout import PackedWeights
 from mxserve_kernels._common.synth import random_canonical
 from mxserve_kernels.formats import WeightScheme
-from mxserve_kernels.moe import fused_moe, moe_align, moe_config, prepare_experts
+from mxserve_kernels._common.configs import projection_bits
+from mxserve_kernels.moe import MoEWeights, fused_moe, moe_align, moe_config, prepare_experts
 from mxserve_kernels.moe.fused_moe import _prefill_weights
 from mxserve_kernels.moe.grouped_gemm import MODE_DOWN, MODE_GATE_UP, grouped_gemm
 
@@ -67,17 +68,17 @@ def copy_bandwidth_gbs() -> float:
     return 2 * n / us / 1e3
 
 
-def build_ours(schemes: list[str], e: int, h: int, i: int):
+def build_ours(schemes: list[str], e: int, h: int, i: int, device: str = "cuda"):
     """One expert's canonical tensors per distinct scheme, replicated to E experts (distinct memory)."""
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
     cache = {}
     gu, dn = [], []
     for j in range(e):
         name = schemes[j % len(schemes)]
         if name not in cache:
             s = WeightScheme.parse(name)
-            cache[name] = (s, random_canonical(s, 2 * i, h, device="cuda", generator=g),
-                           random_canonical(s, h, i, device="cuda", generator=g))
+            cache[name] = (s, random_canonical(s, 2 * i, h, device=device, generator=g),
+                           random_canonical(s, h, i, device=device, generator=g))
         s, a, b = cache[name]
         gu.append((s, a))
         dn.append((s, b))
@@ -90,13 +91,13 @@ def touched_weight_bytes(w, ids: torch.Tensor) -> int:
 
 
 def separate_launch_fn(w, x, tw, ids):
-    """Same work as one mixed launch, but one launch pair per precision group (experts split by kind/bits)."""
+    """Same work as one mixed launch, but one launch pair per precision group (experts split by kind/bits), each
+    with the config serving would pick for that group (``moe_config``: its own dominant width)."""
     info = w.w13.einfo.cpu()
     groups: dict[tuple, list[int]] = {}
     for e in range(w.num_experts):
         groups.setdefault((int(info[e, 0]), int(info[e, 1])), []).append(e)
     t, k = ids.shape
-    cfg = moe_config(w, t, k)
     parts = []
     for experts in groups.values():
         sub = []
@@ -104,17 +105,18 @@ def separate_launch_fn(w, x, tw, ids):
             einfo = torch.zeros_like(proj.einfo)
             einfo[experts] = proj.einfo[experts]  # other experts become KIND_NONE
             sub.append(PackedWeights(proj.qw, proj.pw, proj.meta, proj.wbf, einfo, proj.n, proj.k))
+        cfg = moe_config(MoEWeights(sub[0], sub[1], w.hidden, w.inter), t, k)
         emap = torch.full((w.num_experts,), -1, dtype=torch.int64, device=x.device)
         emap[experts] = torch.tensor(experts, device=x.device)
         route = moe_align(ids, w.num_experts, cfg["w13"]["BLOCK_M"], emap)
-        parts.append((sub, route))
+        parts.append((sub, route, cfg))
 
     r = t * k / w.num_experts
-    deq = not cfg["w13"].get("INLOOP")
 
     def run():  # same per-launch choices as fused_moe (incl. the prefill dequant path)
         out = None
-        for (w13, w2), route in parts:
+        for (w13, w2), route, cfg in parts:
+            deq = not cfg["w13"].get("INLOOP")
             h = grouped_gemm(x, _prefill_weights(w13, r, x, deq), cfg["w13"], mode=MODE_GATE_UP, route=route,
                              a_div=k)
             y = grouped_gemm(h, _prefill_weights(w2, r, x, deq), cfg["w2"], mode=MODE_DOWN, route=route,
@@ -166,9 +168,11 @@ def main(argv=None) -> int:
         tw = (tw / tw.sum(-1, keepdim=True)).float()
         flops = 2.0 * t * k * 3 * h * i
         n_used = len(set(ids.reshape(-1).tolist()))
-        res = {}
-        for name, w in ours.items():
+        res, used_cfg = {}, {}
+        for name, w in ours.items():  # fused_moe's own config choice: per-precision entry of each projection
             res[name] = (_bench(lambda w=w: fused_moe(x, w, tw, ids), graph), touched_weight_bytes(w, ids))
+            used_cfg[name] = dict(bits_w13=projection_bits(w.w13), bits_w2=projection_bits(w.w2),
+                                  config=moe_config(w, t, k))
         if "ours_mix2.5" in ours:
             res["ours_mix2.5_separate"] = (_bench(separate_launch_fn(ours["ours_mix2.5"], x, tw, ids), graph),
                                            touched_weight_bytes(ours["ours_mix2.5"], ids))
@@ -179,7 +183,8 @@ def main(argv=None) -> int:
                 print(f"  {name} T={t} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         for name, (us, wbytes) in res.items():
             gbs = (wbytes + 2 * t * h * 2) / us / 1e3
-            row = dict(method=name, T=t, us=us, tflops=flops / us / 1e6, gbs=gbs, frac_copy_bw=gbs / bw)
+            row = dict(method=name, T=t, us=us, tflops=flops / us / 1e6, gbs=gbs, frac_copy_bw=gbs / bw,
+                       **used_cfg.get(name, {}))
             for peer in peers:
                 if peer in res:
                     row[f"ratio_vs_{peer}"] = us / res[peer][0]

@@ -3,6 +3,11 @@
 by ``moe.cost.expert_gemm_time_us`` (the bit allocator's kernel cost model).
 
     python -m mxserve_kernels.bench.tune_moe [--models qwen3-30b-a3b,mixtral-8x7b,...] [--quick]
+        [--kinds w4,w2,mix25] [--tokens 1,4,16,64]
+
+``--kinds``: representative layers to tune (default w4: the plain entries). Every other kind writes its configs under
+the entry's ``by_bits[<dominant width>]`` (``_common/configs``); kinds sharing a width (w2 and mix25: both 2) are
+tuned together (the config pair with the lowest summed time over their layers).
 
 Writes are atomic. The serving path only reads these files (never autotunes).
 """
@@ -17,7 +22,7 @@ import sys
 import torch
 
 from mxserve_kernels._common import configs
-from mxserve_kernels.bench.bench_moe import SHAPES, TOKENS, _bench, build_ours
+from mxserve_kernels.bench.bench_moe import OURS, SHAPES, TOKENS, _bench, build_ours
 from mxserve_kernels.moe import moe_align
 from mxserve_kernels.moe.fused_moe import PREFILL_DEQUANT_ROWS
 from mxserve_kernels.moe.grouped_gemm import MODE_DOWN, MODE_GATE_UP, dequant_bf16, grouped_gemm
@@ -25,6 +30,9 @@ from mxserve_kernels.moe.grouped_gemm import MODE_DOWN, MODE_GATE_UP, dequant_bf
 COST_SCHEMES = ("int1_g128_asym", "int2_g128_asym", "int3_g128_asym", "int4_g128_asym", "int8_g128_sym", "bf16")
 COST_M = (1, 4, 16, 64, 256, 1024)
 QUICK_TOKENS = (1, 16, 64, 256, 1024, 8192)
+# representative layers (schemes cycled over the experts, as bench_moe builds them); w4 = the plain entries
+KINDS = {"w4": OURS["ours_w4"], "w2": OURS["ours_w2"], "w3": OURS["ours_w3"], "w8": OURS["ours_w8"],
+         "mix25": OURS["ours_mix2.5"]}
 
 
 def candidates(rows_per_expert: float, quick: bool):
@@ -117,49 +125,113 @@ def _measure(cfgs: list[dict], w13, w2, x, hmid, tw, ids, e: int, k: int, rep: i
     return results
 
 
-def tune_shape(model: str, tokens: list[int], quick: bool) -> dict:
-    """Best config per T for one model shape (W4 experts); writes the config JSON atomically."""
+def _joint(results: list[dict]) -> dict:
+    """Per projection, the summed time of every config measured on all layers (kinds sharing one entry)."""
+    if len(results) == 1:
+        return results[0]
+    out = {}
+    for proj in ("w13", "w2"):
+        sums: dict[str, list] = {}
+        for res in results:
+            for us, cfg in res[proj]:
+                ent = sums.setdefault(json.dumps(cfg, sort_keys=True), [0.0, 0, cfg])
+                ent[0] += us
+                ent[1] += 1
+        out[proj] = [(us, cfg) for us, n, cfg in sums.values() if n == len(results)]
+    return out
+
+
+def tune_layers(label: str, layers: list, e: int, h: int, k: int, i: int, tokens: list[int], quick: bool,
+                device: str = "cuda") -> dict:
+    """Best config pair per T for a group of layers sharing one table entry (summed time over the layers).
+
+    Args:
+        label: name for the log. layers: MoEWeights [E experts, H, I] (one per kind of the group).
+        e, h, k, i: E, H, top-k K, I. tokens: the T to tune. quick: smaller search space, fewer reps.
+    Returns:
+        {str(T): {"w13": cfg, "w2": cfg}}.
+    """
     rep = 30 if quick else 100
-    shp = SHAPES[model]
-    e, h, i, k = shp["E"], shp["H"], shp["I"], shp["K"]
-    w = build_ours(["int4_g128_asym"], e, h, i)  # W4 is the tuning reference precision
     table = {}
     for t in tokens:
-        x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
-        tw, ids = torch.topk(torch.rand(t, e, device="cuda"), k, dim=-1)
+        x = torch.randn(t, h, device=device).to(torch.bfloat16)
+        tw, ids = torch.topk(torch.rand(t, e, device=device), k, dim=-1)
         tw = tw.float()
-        hmid = torch.randn(t * k, i, device="cuda").to(torch.bfloat16)
+        hmid = torch.randn(t * k, i, device=device).to(torch.bfloat16)
         # what fused_moe runs at this T: in-loop dequant, or (prefill) the bf16 weights of the dequant path
         pre = t * k / e >= PREFILL_DEQUANT_ROWS
-        w13 = dequant_bf16(w.w13) if pre else w.w13
-        w2 = dequant_bf16(w.w2) if pre else w.w2
-        results = _measure(list(candidates(t * k / e, quick)), w13, w2, x, hmid, tw, ids, e, k, rep)
-        best = _best_pair(results, f"{model} T={t}")
+        cands = list(candidates(t * k / e, quick))
+        per = [_measure(cands, dequant_bf16(w.w13) if pre else w.w13, dequant_bf16(w.w2) if pre else w.w2,
+                        x, hmid, tw, ids, e, k, rep) for w in layers]
+        results = _joint(per)
+        best = _best_pair(results, f"{label} T={t}")
         for proj in ("w13", "w2"):  # the generic, ASM and SWAP loops side by side (same run)
             by_loop = {name: min((r[0] for r in results[proj] if pick(r[1])), default=float("nan")) for name, pick in
                     (("generic", lambda c: not c.get("ASM") and not c.get("SWAP")),
                      ("ASM", lambda c: c.get("ASM") and not c.get("SWAP")), ("SWAP", lambda c: c.get("SWAP")))}
-            print(f"{model} T={t} {proj}: " + ", ".join(f"best {n} {us:.1f}us" for n, us in by_loop.items()),
+            print(f"{label} T={t} {proj}: " + ", ".join(f"best {n} {us:.1f}us" for n, us in by_loop.items()),
                   flush=True)
         if pre:  # prefill: the dequant path (its two dequant launches included) vs in-loop KT on the packed weights
-            deq_us = _bench(lambda: (dequant_bf16(w.w13), dequant_bf16(w.w2)), graph=True, rep=rep)
-            inloop = _measure(list(prefill_inloop_candidates()), w.w13, w.w2, x, hmid, tw, ids, e, k, rep)
-            alt = _best_pair(inloop, f"{model} T={t} in-loop") if inloop["w13"] and inloop["w2"] else None
+            deq_us = sum(_bench(lambda w=w: (dequant_bf16(w.w13), dequant_bf16(w.w2)), graph=True, rep=rep)
+                         for w in layers)
+            inloop = _joint([_measure(list(prefill_inloop_candidates()), w.w13, w.w2, x, hmid, tw, ids, e, k, rep)
+                             for w in layers])
+            alt = _best_pair(inloop, f"{label} T={t} in-loop") if inloop["w13"] and inloop["w2"] else None
             dq_total = deq_us + best["w13"][0] + best["w2"][0]
-            print(f"{model} T={t}: dequant path {dq_total:.1f}us (dequant {deq_us:.1f}us)"
+            print(f"{label} T={t}: dequant path {dq_total:.1f}us (dequant {deq_us:.1f}us)"
                   + (f", in-loop KT {alt['w13'][0] + alt['w2'][0]:.1f}us" if alt else ""), flush=True)
             if alt and alt["w13"][0] + alt["w2"][0] < dq_total:
                 best = {p: (alt[p][0], {**alt[p][1], "INLOOP": 1}) for p in ("w13", "w2")}
         table[str(t)] = {"w13": best["w13"][1], "w2": best["w2"][1]}
-        print(f"{model} T={t}: w13 {best['w13'][0]:.1f}us {best['w13'][1]}  w2 {best['w2'][0]:.1f}us "
+        print(f"{label} T={t}: w13 {best['w13'][0]:.1f}us {best['w13'][1]}  w2 {best['w2'][0]:.1f}us "
               f"{best['w2'][1]}", flush=True)
+    return table
+
+
+def parse_kinds(spec: str) -> list[str]:
+    """``--kinds`` -> kind names (ValueError naming an unknown one)."""
+    kinds = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [s for s in kinds if s not in KINDS]
+    if bad or not kinds:
+        raise ValueError(f"tune_moe: --kinds {spec!r}: unknown {bad}; choose from {sorted(KINDS)}")
+    return kinds
+
+
+def tune_shape(model: str, tokens: list[int], quick: bool, kinds: list[str] = ("w4",),
+               device: str = "cuda") -> dict:
+    """Best config per T for one model shape and each kind; writes the config JSON atomically (merged into the
+    existing file: token counts and widths not re-tuned in this run stay).
+
+    w4 fills the plain entries; every other kind the entry's ``by_bits[str(dominant width of its layer)]`` (the
+    width ``fused_moe.moe_config`` looks up for such a layer: ``configs.projection_bits``)."""
+    shp = SHAPES[model]
+    e, h, i, k = shp["E"], shp["H"], shp["I"], shp["K"]
+    groups: dict[int | None, list[tuple[str, object]]] = {}
+    for kind in kinds:
+        w = build_ours(KINDS[kind], e, h, i, device=device)
+        b13, b2 = configs.projection_bits(w.w13), configs.projection_bits(w.w2)
+        if b13 != b2:  # build_ours gives both projections the same schemes
+            raise RuntimeError(f"tune_moe: kind {kind}: gate_up width {b13} != down width {b2}")
+        groups.setdefault(None if kind == "w4" else b13, []).append((kind, w))
+    new: dict = {}
+    for bits, members in groups.items():
+        label = f"{model} {'+'.join(n for n, _ in members)}" + ("" if bits is None else f" (by_bits {bits})")
+        part = tune_layers(label, [w for _, w in members], e, h, k, i, tokens, quick, device=device)
+        for t, pair in part.items():
+            ent = new.setdefault(t, {})
+            if bits is None:
+                ent.update(pair)
+            else:
+                ent.setdefault("by_bits", {})[str(bits)] = pair
     path = os.path.join(configs.CONFIG_DIR, configs.config_filename({"E": e, "H": h, "I": i},
                                                                     configs.device_name()))
-    if os.path.exists(path):  # keep the entries of token counts not re-tuned in this run (e.g. --tokens 1,4,16,64)
+    old = {}
+    if os.path.exists(path):  # keep the entries of token counts / widths not re-tuned in this run
         with open(path) as f:
-            table = {**json.load(f), **table}
-    table = dict(sorted(table.items(), key=lambda kv: int(kv[0])))
+            old = json.load(f)
+    table = configs.merge_tables(old, new)
     configs.write_json_atomic(path, table)
+    configs._load.cache_clear()
     return table
 
 
@@ -189,16 +261,22 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(SHAPES))
     ap.add_argument("--tokens", default=None, help=f"default {TOKENS}; --quick: {QUICK_TOKENS}")
     ap.add_argument("--quick", action="store_true", help="smaller search space")
+    ap.add_argument("--kinds", default="w4", help=f"layers to tune, of {sorted(KINDS)} (w4: plain entries; others: "
+                                                  "by_bits[dominant width])")
     ap.add_argument("--no-cost", action="store_true", help="skip the cost table")
     ap.add_argument("--archive", help="also write a .tar of moe/configs here (e.g. $OUT/configs.tar: the config "
                                       "file names contain '=' and ',', which some file transports refuse)")
     args = ap.parse_args(argv)
+    try:
+        kinds = parse_kinds(args.kinds)
+    except ValueError as exc:
+        ap.error(str(exc))
     if not torch.cuda.is_available():
         print("tune_moe: needs a CUDA GPU", file=sys.stderr)
         return 2
     tokens = args.tokens or ",".join(map(str, QUICK_TOKENS if args.quick else TOKENS))
     for model in args.models.split(","):
-        tune_shape(model, [int(t) for t in tokens.split(",")], args.quick)
+        tune_shape(model, [int(t) for t in tokens.split(",")], args.quick, kinds)
     if not args.no_cost:
         cost_table()
     if args.archive:

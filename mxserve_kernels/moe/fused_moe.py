@@ -26,11 +26,19 @@ from mxserve_kernels.moe.weights import MoEWeights
 
 
 def moe_config(w: MoEWeights, num_tokens: int, top_k: int) -> dict[str, dict[str, int]]:
-    """Launch configs ``{"w13": cfg, "w2": cfg}`` (same BLOCK_M) for T tokens: the tuned file's nearest T, else the
-    documented default (``_common/configs.default_config``)."""
-    tuned = configs.lookup({"E": w.num_experts, "H": w.hidden, "I": w.inter}, num_tokens)
-    if tuned is not None:
-        return tuned
+    """Launch configs ``{"w13": cfg, "w2": cfg}`` (same BLOCK_M) for T tokens: the tuned file's nearest T for each
+    projection's dominant storage width (``configs.projection_bits``, read once per PackedWeights; the W4 entry when
+    that width has none), else the documented default (``_common/configs.default_config``). When the two
+    projections' entries disagree on BLOCK_M (one route serves both), both come from gate_up's entry (2x the bytes).
+    """
+    key = {"E": w.num_experts, "H": w.hidden, "I": w.inter}
+    b13, b2 = configs.projection_bits(w.w13), configs.projection_bits(w.w2)
+    t13 = configs.lookup(key, num_tokens, bits=b13)
+    if t13 is not None:
+        t2 = t13 if b2 == b13 else configs.lookup(key, num_tokens, bits=b2)
+        if t2 is not None and t2["w2"]["BLOCK_M"] == t13["w13"]["BLOCK_M"]:
+            return {"w13": t13["w13"], "w2": t2["w2"]}
+        return {"w13": t13["w13"], "w2": t13["w2"]}
     d = configs.default_config(num_tokens * top_k / max(w.num_experts, 1))
     return {"w13": d, "w2": dict(d)}
 
