@@ -66,7 +66,12 @@ def _route(x: torch.Tensor, router: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return (w / w.sum(-1, keepdim=True)).contiguous(), ids.to(torch.int32)
 
 
-def test_slot_pool_moe_equals_resident(model):
+@pytest.mark.parametrize("einfo", ["device", "host"])
+def test_slot_pool_moe_equals_resident(model, einfo):
+    """einfo "device": ``slot_einfo`` from ``view.tables``; "host": ``OffloadRuntime.slot_weights`` (what vLLM's
+    ``apply`` runs: tables filled in a pinned per-layer row and copied asynchronously; the slow compute stream of
+    even steps would expose a row rewritten before its previous copy ran)."""
+    from mxserve.vllm_plugin.offload_method import OffloadRuntime
     experts, resident, routers = model
     cache = ExpertCache(CFG, LAYOUT, L, E, device="cuda", publish_interval_s=None)
     for (l, e), t in experts.items():
@@ -74,6 +79,9 @@ def test_slot_pool_moe_equals_resident(model):
     cache.preload()
     assert cache.S == 24, cache.S
     offs = LAYOUT.slot_offsets("gate_up"), LAYOUT.slot_offsets("down")
+    rt = OffloadRuntime(CFG, {}, {})
+    rt.cache, rt.offsets, rt.wbf = cache, offs, torch.zeros(1, dtype=torch.bfloat16, device="cuda")
+    rt.alloc_einfo("cuda")
     g = torch.Generator(device="cuda").manual_seed(3)
     compute = torch.cuda.current_stream()
     mismatches, checked = [], 0
@@ -92,7 +100,7 @@ def test_slot_pool_moe_equals_resident(model):
                 f"step {step} layer {l}: run levels {view.run_level} (on_miss=wait must run every expert at 4)"
             if step % 2 == 0:            # slow compute stream: a copy that does not wait for earlier readers races
                 torch.cuda._sleep(SLEEP_CYCLES)
-            w = slot_moe_weights(view.pool.buf, view.tables, *offs)
+            w = slot_moe_weights(view.pool.buf, view.tables, *offs) if einfo == "device" else rt.slot_weights(l, view)
             ref = _with_kinds(resident[l], SLOT_KINDS)
             cfg = moe_config(ref, t, TOPK)
             got = fused_moe(x, w, tw, ids, config=cfg)
@@ -104,7 +112,7 @@ def test_slot_pool_moe_equals_resident(model):
     torch.cuda.synchronize()
     assert compute == torch.cuda.current_stream()
     st = cache.stats()
-    record_result("offload_slot_moe", {"checked": checked, "mismatches": mismatches, "stats": {
+    record_result(f"offload_slot_moe_{einfo}_einfo", {"checked": checked, "mismatches": mismatches, "stats": {
         k: st[k] for k in ("hits", "misses", "degraded", "bytes_moved", "prefetch_issued", "prefetch_useful")}})
     assert st["misses"] > 0 and st["prefetch_issued"] > 0 and st["degraded"] == 0, st
     assert not mismatches, f"{len(mismatches)}/{checked} layer-steps differ (step, T, layer, max|diff|): {mismatches}"
