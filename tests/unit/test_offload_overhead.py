@@ -5,8 +5,10 @@ decode step at B=1):
   identical to the full sort (``PREFIX`` huge) on a trace with many evictions, for both orders (hebf, lru);
 * ``ExpertCache.ensure`` (and the slot-pool ``einfo`` it feeds) makes exactly one device->host transfer: no boolean
   mask indexing, ``bincount`` (CUDA reads its max back), ``nonzero``, ``item`` / ``tolist``;
-* the bookkeeping of one ``ensure`` at the Qwen3-30B-A3B geometry (48 layers x 128 experts, 25% budget, B=1), with a
-  stand-in transfer engine that copies nothing, stays under ``ENSURE_MS_BUDGET`` on this CPU (it was 2-4 ms).
+* at the Qwen3-30B-A3B geometry (48 layers x 128 experts, 25% budget, B=1), with a stand-in transfer engine that
+  copies nothing, ``ensure`` sorts only a prefix of the eviction candidates (the full sort of every resident slot,
+  twice per layer, was 63 % of the 4 ms per layer before the fix). Work is counted, not timed (speed targets live in
+  ``python -m mxserve.scheduler.layer_bench``); the wall time per layer is printed for information.
 """
 from __future__ import annotations
 
@@ -26,9 +28,9 @@ from mxserve.scheduler.traces import synth_trace
 from mxserve_kernels.formats import WeightScheme
 from mxserve_kernels.moe.slot_weights import slot_moe_weights
 
-# Mean wall time of one ensure() at 48 x 128, B=1, without copies, on the 2-core CI CPU (measured 0.6-0.7 ms after the
-# fix, 2-4 ms before); a regression to a per-plan sort of every resident slot fails it.
-ENSURE_MS_BUDGET = 1.5
+# Share of the eviction candidates ``_Victims`` may sort over the run (the full sort was 1.0 per plan); a regression
+# to sorting every resident slot per plan fails it.
+SORTED_SHARE_MAX = 0.5
 SYNCING = {"item", "tolist", "nonzero", "bincount", "unique", "masked_select", "__bool__", "__int__", "__float__",
            "argwhere", "numpy", "cpu"}
 
@@ -104,12 +106,20 @@ def test_hist_matches_bincount_and_ignores_other_ranks():
     assert np.array_equal(cache._hist(ids).numpy(), ref)
 
 
-def test_ensure_bookkeeping_per_layer_under_budget(monkeypatch):
+def test_ensure_sorts_a_prefix_of_the_candidates(monkeypatch):
     layout = _small_layout()
     L, E, K = 48, 128, 8
     cache = ExpertCache(OffloadConfig(gpu_budget_fraction=0.25), layout, L, E, device="cpu", publish_interval_s=None)
     cache.preload()
     monkeypatch.setattr(cache.engine, "execute", lambda plan: None)   # CPU stand-in: bookkeeping only
+    counted = {"sorted": 0, "candidates": 0}
+    orig_sort = policy._Victims._sort
+
+    def counting_sort(self, m):
+        orig_sort(self, m)
+        counted["sorted"] += len(self.order[0])
+        counted["candidates"] += len(self._cand[3])
+    monkeypatch.setattr(policy._Victims, "_sort", counting_sort)
     rng = np.random.default_rng(0)
     steps = 12
     ids = torch.from_numpy(np.stack([[rng.choice(E, K, replace=False)[None] for _ in range(L)]
@@ -120,10 +130,12 @@ def test_ensure_bookkeeping_per_layer_under_budget(monkeypatch):
     for s in range(4):
         step(s)
     misses0 = cache.stats()["misses"]
+    counted.update(sorted=0, candidates=0)
     t0 = time.perf_counter()
     for s in range(4, steps):
         step(s)
     ms = (time.perf_counter() - t0) / ((steps - 4) * L) * 1e3
     print(f"\nensure bookkeeping: {ms:.3f} ms per layer (48 x 128, B=1, 25% budget)")
     assert cache.stats()["misses"] - misses0 > 0 and cache.stats()["prefetch_issued"] > L, cache.stats()
-    assert ms < ENSURE_MS_BUDGET, f"ensure bookkeeping {ms:.2f} ms per layer > {ENSURE_MS_BUDGET} ms"
+    share = counted["sorted"] / max(counted["candidates"], 1)
+    assert counted["candidates"] > 0 and share < SORTED_SHARE_MAX, counted
