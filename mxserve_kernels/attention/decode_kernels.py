@@ -168,17 +168,13 @@ def _dot_acc(a, b, acc, DT: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _packed_part(q_ptr, cache_ptr, meta_ptr, bt_ptr, lo_ptr, hi_ptr, kperm_ptr, vperm_ptr, o_ptr, lse_ptr,
-                 qscale, b, hk, s, ns, qrow, orow, lrow, gmask, stride_bt, stride_cp, stride_ct, stride_ch,
-                 P: tl.constexpr, HAS_KPERM: tl.constexpr, HAS_VPERM: tl.constexpr, QGP: tl.constexpr, D: tl.constexpr,
-                 BN: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
-                 K_OFF: tl.constexpr, V_OFF: tl.constexpr, KM_OFF: tl.constexpr, VM_OFF: tl.constexpr,
-                 KG: tl.constexpr, KNG: tl.constexpr, KNBG: tl.constexpr, KNB: tl.constexpr, KNBT: tl.constexpr,
-                 KPER: tl.constexpr, KPM: tl.constexpr, KMP: tl.constexpr, KBITS: tl.constexpr,
-                 KTERN: tl.constexpr, KQMAX: tl.constexpr,
-                 VG: tl.constexpr, VNG: tl.constexpr, VNBG: tl.constexpr, VNB: tl.constexpr, VNBT: tl.constexpr,
-                 VPER: tl.constexpr, VPM: tl.constexpr, VMP: tl.constexpr, VBITS: tl.constexpr,
-                 VTERN: tl.constexpr, VQMAX: tl.constexpr):
+def _split_and_q(q_ptr, lo_ptr, hi_ptr, kperm_ptr, qscale, b, hk, s, ns, qrow, gmask, HAS_KPERM: tl.constexpr,
+                 QGP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, KG: tl.constexpr,
+                 KNBG: tl.constexpr, KNB: tl.constexpr, KNBT: tl.constexpr, KPER: tl.constexpr, KPM: tl.constexpr,
+                 KTERN: tl.constexpr):
+    """The packed positions ``[start, end)`` split ``s`` of ``ns`` owns (whole ``BN`` tiles), the K column indices
+    (``ck`` main sub-code columns, ``cx`` ternary digit-4 columns) and the scaled q tiles gathered into the slot's
+    channel order (``qk`` [QGP, KNBT*KPM]; ``qx`` [QGP, KNBT], zeros unless K is ternary)."""
     lo = tl.load(lo_ptr + b).to(tl.int32)
     hi = tl.load(hi_ptr + b).to(tl.int32)
     per = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), ns), BN) * BN
@@ -192,6 +188,23 @@ def _packed_part(q_ptr, cache_ptr, meta_ptr, bt_ptr, lo_ptr, hi_ptr, kperm_ptr, 
               * qscale).to(DT)
     else:
         qx = tl.zeros([QGP, KNBT], DT)
+    return start, end, ck, cx, qk, qx
+
+
+@triton.jit
+def _packed_part(q_ptr, cache_ptr, meta_ptr, bt_ptr, lo_ptr, hi_ptr, kperm_ptr, vperm_ptr, o_ptr, lse_ptr,
+                 qscale, b, hk, s, ns, qrow, orow, lrow, gmask, stride_bt, stride_cp, stride_ct, stride_ch,
+                 P: tl.constexpr, HAS_KPERM: tl.constexpr, HAS_VPERM: tl.constexpr, QGP: tl.constexpr, D: tl.constexpr,
+                 BN: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+                 K_OFF: tl.constexpr, V_OFF: tl.constexpr, KM_OFF: tl.constexpr, VM_OFF: tl.constexpr,
+                 KG: tl.constexpr, KNG: tl.constexpr, KNBG: tl.constexpr, KNB: tl.constexpr, KNBT: tl.constexpr,
+                 KPER: tl.constexpr, KPM: tl.constexpr, KMP: tl.constexpr, KBITS: tl.constexpr,
+                 KTERN: tl.constexpr, KQMAX: tl.constexpr,
+                 VG: tl.constexpr, VNG: tl.constexpr, VNBG: tl.constexpr, VNB: tl.constexpr, VNBT: tl.constexpr,
+                 VPER: tl.constexpr, VPM: tl.constexpr, VMP: tl.constexpr, VBITS: tl.constexpr,
+                 VTERN: tl.constexpr, VQMAX: tl.constexpr):
+    start, end, ck, cx, qk, qx = _split_and_q(q_ptr, lo_ptr, hi_ptr, kperm_ptr, qscale, b, hk, s, ns, qrow, gmask,
+                                              HAS_KPERM, QGP, D, BN, DT, KG, KNBG, KNB, KNBT, KPER, KPM, KTERN)
     m_i = tl.full([QGP], float("-inf"), tl.float32)
     l_i = tl.zeros([QGP], tl.float32)
     acc = tl.zeros([QGP, VNBT * VPM], tl.float32)
@@ -415,19 +428,8 @@ def _packed_part_raw(q_ptr, meta_ptr, bt_ptr, lo_ptr, hi_ptr, kperm_ptr, vperm_p
     """``_packed_part`` with the dot on raw codes (see ``_raw_asm``): same split, prefetch, softmax and outputs."""
     KCB: tl.constexpr = 4 if KBITS == 4 else 2
     VCB: tl.constexpr = 4 if VBITS == 4 else 2
-    lo = tl.load(lo_ptr + b).to(tl.int32)
-    hi = tl.load(hi_ptr + b).to(tl.int32)
-    per = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), ns), BN) * BN
-    start = lo + s * per
-    end = tl.minimum(start + per, hi)
-    ck = tl.arange(0, KNBT * KPM)
-    cx = tl.arange(0, KNBT)
-    qk = (_q_cols(q_ptr, qrow, gmask, kperm_ptr, hk, ck, KPM, 0, KG, KNBG, KNB, KPER, D, HAS_KPERM) * qscale).to(DT)
-    if KTERN:
-        qx = (_q_cols(q_ptr, qrow, gmask, kperm_ptr, hk, cx, 1, 4, KG, KNBG, KNB, KPER, D, HAS_KPERM)
-              * qscale).to(DT)
-    else:
-        qx = tl.zeros([QGP, KNBT], DT)
+    start, end, ck, cx, qk, qx = _split_and_q(q_ptr, lo_ptr, hi_ptr, kperm_ptr, qscale, b, hk, s, ns, qrow, gmask,
+                                              HAS_KPERM, QGP, D, BN, DT, KG, KNBG, KNB, KNBT, KPER, KPM, KTERN)
     gk = _col_grp(ck, KPM, KNBG)[None, :]
     gx = _col_grp(cx, 1, KNBG)[None, :]
     mk = tl.arange(0, KMP)
