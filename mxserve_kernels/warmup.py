@@ -132,6 +132,7 @@ def warm_moe(w, top_k: int, max_tokens: int, dtype: torch.dtype = torch.bfloat16
         dtype: activation dtype. expert_map: [E_global] global -> local ids as serving passes it (EP), or None.
         ids_dtype: dtype of the router's topk_ids (vLLM: int32).
     """
+    from mxserve_kernels._common import configs
     from mxserve_kernels.moe.fused_moe import fused_moe
     dev = w.w13.qw.device
     if dev.type != "cuda":
@@ -139,7 +140,8 @@ def warm_moe(w, top_k: int, max_tokens: int, dtype: torch.dtype = torch.bfloat16
     k = min(top_k, w.num_experts)
     e_ids = w.num_experts if expert_map is None else expert_map.numel()
     key = ("moe", dev.index, dtype, w.num_experts, w.hidden, w.inter, k, w.w13.kinds_mask, w.w2.kinds_mask,
-           max_tokens, expert_map is not None, ids_dtype)
+           configs.projection_bits(w.w13), configs.projection_bits(w.w2), max_tokens, expert_map is not None,
+           ids_dtype)  # the widths pick the tuned config entries (``configs.lookup(..., bits=)``)
     if key in _WARMED:
         return 0
     counts = moe_token_counts(w, k, max_tokens, dtype, has_map=expert_map is not None, ids_dtype=ids_dtype)

@@ -88,16 +88,22 @@ class PackedWeights:
 
     def __post_init__(self) -> None:
         # kind mask read from einfo once, at construction (real tensors), never in a forward (no host sync there)
+        # and the dominant storage width (``configs.dominant_bits``: which tuned config entry the launches use)
+        self._dominant_bits = None
         if self.kinds is not None:
             self._kinds_mask = int(self.kinds)
             return
         try:
-            mask = 0
+            mask, rows = 0, []
             for row in self.einfo.cpu().tolist():
                 mask |= kind_bit(row[F_KIND], row[F_BITS], row[F_NPLANES])
+                rows.append((row[F_KIND], row[F_BITS]))
         except Exception:  # fake / meta tensors (tracing): compile every K loop
-            mask = ALL_KINDS
+            mask, rows = ALL_KINDS, None
         self._kinds_mask = mask
+        if rows is not None:
+            from mxserve_kernels._common.configs import dominant_bits  # configs imports this module
+            self._dominant_bits = dominant_bits(rows)
 
     @property
     def kinds_mask(self) -> int:
