@@ -2,26 +2,28 @@
 # The GPU checks still owed by open issues, one step per device call (each fits the 10-minute call limit).
 # Usage on the GPU machine, after `source .gpukit/install.sh` (vLLM steps) from the repo root:
 #   bash .ci/gpu/pending.sh STEP        results and logs under $OUT (default /tmp/out)
-# Steps still owed after session 4 (in the order worth running; times measured on the H200 or estimated). Done in
-# session 4 and kept for re-runs: kernels, tune, metrics, kvbench, e2e (4 layers), offload (graphs + metrics).
-#   e2e48     48 layers, VARIANTS (default gptq_w4,mxmoe_w4) per call; variants that cannot start before the
-#             deadline are recorded as skipped: run them in the next call, then merge all e2e48-*.json   issue 5
-#   parallel  TP2 / EP vs 1 GPU (needs the nvidia-h200-x2 kind; never run yet, ~5 min)         issue 5
-#   offload   the whole like-for-like offload test incl. the control and eager cases (~6 min)  issue 7
-#   e2e-peers bf16 / fp8 at 4 layers (~4-5 min); then on any machine:                          issue 5
-#             mxserve bench merge e2e.json e2e-peers.json --json e2e-all.json --markdown e2e-all.md
-#   tune      decode re-tune (FMA, split-K, KT, ASM) then bench_moe vs vLLM peers at T<=64 (~7 min)   issue 4
-#             (configs come back as $OUT/configs.tar: untar into mxserve_kernels/moe/configs and commit)
-#   kernels   warm-up (sweeps every T after it) + offload slot-pool exactness + FMA / split-K / KT / ASM grid
-#             (no vLLM, ~4-5 min)                                                            issues 4, 7
-#   e2e       mxserve bench e2e, 4-layer A3B, GPTQ-W4 / mxmoe W4 / 2.5-bit mix, B=1,8,32,256 (~5 min)  issue 5
-#   metrics   /metrics scrape under load, default compile (~2 min)                           issue 9
-#   kvbench   KV decode kernel sweep vs vLLM FA3 (~3 min)                                     issue 6
-#   soak      bash .ci/gpu/soak.sh SECONDS (<= 450 per call)                                  issue 9
+# Steps still owed after session 5, in the order worth running (times measured on the H200 or estimated). Kernel-only
+# steps (gpu-tests, tune-bits, layerbench) need no gpu-kit: run them with PYTHONPATH=$PWD inside the part-upload
+# calls, and never override PYTHONPATH once install.sh says "ready".
+#   kvtput    the issue-6 vLLM throughput rows (.ci/gpu/kv_throughput.sh: auto / mxmoe K2V1.5 / int4 / fp8 / K4V4,
+#             8k in / 256 out; the prefill OOM fix of session 5 is unmeasured; ~9 min)                 issue 6
+#   offload-e2e  48 layers: VARIANTS=mxmoe_w4_off25,gptq_w4_cpuoff25 (call 1), then mxmoe_w4,mxmoe_w4_off50
+#             (call 2; .ci/gpu/offload_e2e.sh; merge with `mxserve bench merge`; ~9 min each)            issues 7, 5
+#   layerbench  python -m mxserve.scheduler.layer_bench: 48 offloaded layers without vLLM, per-step host split and
+#             compiles during timed steps (0 expected; ~3 min)                                          issue 7
+#   parallel  TP2 / EP vs 1 GPU (nvidia-h200-x2; mnnvl allreduce fusion now off; ~9 min)              issue 5
+#   gpu-tests the session-5 GPU tests that timed out: SWAP/ASM MoE, every KV decode path, the slot pool under
+#             the host-einfo path (no vLLM; ~8 min)                                                     issues 4, 6, 7
+#   tune-bits per-precision decode configs: --kinds w2,mix25 at T=1,4 then 16,64 (one call each), then
+#             bench_moe vs vLLM peers (configs come back as $OUT/configs.tar: untar into
+#             mxserve_kernels/moe/configs and commit after each call)                                   issue 4
+#   e2e / e2e48  mxserve bench e2e at 4 / 48 layers (GPTQ-W4, mxmoe W4, 2.5-bit mix) with the new configs     issue 5
+# Kept for re-runs: kernels, tune, metrics, kvbench, e2e-peers, offload (graphs + metrics), soak
+# (bash .ci/gpu/soak.sh SECONDS, <= 450 per call).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/logs"
 export MXSERVE_TEST_LOG_DIR=$OUT/logs
-step=${1:?usage: pending.sh kernels|tune|offload|parallel|e2e|e2e-peers|e2e48|metrics|kvbench}
+step=${1:?usage: pending.sh kvtput|offload-e2e|layerbench|parallel|gpu-tests|tune-bits|e2e|e2e48|e2e-peers|kernels|tune|offload|metrics|kvbench}
 DEADLINE=${DEADLINE:-540}  # seconds for one e2e command (the device call's 600 s, less install and copy)
 case $step in
   kernels)
@@ -35,6 +37,19 @@ case $step in
       --plot "$OUT/moe_decode.png" --peers mxserve.vllm_plugin.bench_peers:moe_peers > "$OUT/bench.log" 2>&1 ;;
   offload)
     OUT=$OUT bash .ci/gpu/offload_diag.sh ;;
+  kvtput)
+    OUT=$OUT timeout 570 bash .ci/gpu/kv_throughput.sh ;;
+  offload-e2e)
+    OUT=$OUT VARIANTS=${VARIANTS:-mxmoe_w4_off25,gptq_w4_cpuoff25} bash .ci/gpu/offload_e2e.sh ;;
+  layerbench)
+    timeout 300 python3 -m mxserve.scheduler.layer_bench --json "$OUT/offload_layer_bench.json" --budgets 0.25,1.0 ;;
+  gpu-tests)
+    MXSERVE_TEST_JSON=$OUT/gpu_tests.json timeout 560 python3 -m pytest -q -m gpu -rfE \
+      tests/kernels/test_moe_kernels_gpu.py tests/kernels/test_attention_kv.py tests/kernels/test_offload_slot_moe.py \
+      -k "swap or asm or path or slot" 2>&1 | tail -40 ;;
+  tune-bits)
+    python3 -m mxserve_kernels.bench.tune_moe --models qwen3-30b-a3b --kinds w2,mix25 --tokens "${TOKENS:-1,4}" --quick \
+      --no-cost --archive "$OUT/configs.tar" 2>&1 | grep -v "^  skip" | tee "$OUT/tune_bits.log" ;;
   parallel)
     MXSERVE_TEST_JSON=$OUT/parallel.json timeout 560 python3 -m pytest -q -m gpu -rA --basetemp=/tmp/ptpar \
       tests/integration/test_vllm_parallel.py 2>&1 | tail -60
