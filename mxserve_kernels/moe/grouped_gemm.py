@@ -5,12 +5,13 @@ kernel for all experts of the projection (``grouped_gemm_kernels.grouped_gemm_ke
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
-from mxserve_kernels._common.layout import (F_BITS, F_KIND, F_WOFF, KIND_BF16, KIND_NONE, NFIELDS, OFF_UNIT,
-                                            PackedWeights)
+from mxserve_kernels._common.layout import (F_BITS, F_GROUP, F_KIND, F_WOFF, KIND_BF16, KIND_INT, KIND_NONE, NFIELDS,
+                                            OFF_UNIT, PackedWeights)
 from mxserve_kernels.moe.routing import Route
 
 try:  # importable without Triton; the op then raises a clear error when called
@@ -45,6 +46,7 @@ def grouped_gemm_op(x: torch.Tensor, qw: torch.Tensor, pw: torch.Tensor, meta: t
     kt = bool(cfg[7]) if len(cfg) > 7 else False
     asm = bool(cfg[8]) if len(cfg) > 8 else False
     swap = bool(cfg[9]) if len(cfg) > 9 else False
+    gscale = int(cfg[10]) if len(cfg) > 10 else 0  # kind_bit mask (launcher-checked, see gscale_mask)
     alloc = torch.zeros if zero_init else torch.empty
     out = alloc((out_rows, n), dtype=x.dtype, device=x.device)
     # split-K: fp32 partials [splits, rows, n (x2 for gate|up)], then one reduce launch (activation after the sum)
@@ -57,7 +59,7 @@ def grouped_gemm_op(x: torch.Tensor, qw: torch.Tensor, pw: torch.Tensor, meta: t
         n, k, wcols, n_up, x.stride(0), dst.stride(-2), a_div, num_valid, k_split, dst.stride(0),
         MODE=mode, DENSE=dense, NFIELDS=NFIELDS, IS_FP32=x.dtype == torch.float32 or not x.is_cuda, KINDS=kinds,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FMA=fma, SPLIT_K=splits, KT=kt, ASM=asm, SWAP=swap,
-        num_warps=num_warps,
+        GSCALE=gscale if swap and not fma and not kt else 0, num_warps=num_warps,
         num_stages=num_stages)
     if splits > 1 and out.numel():
         block = 1024
@@ -81,10 +83,68 @@ def _(x, qw, pw, meta, wbf, einfo, sorted_ids, block_expert, num_post, topk_w, n
     return x.new_empty((out_rows, n))
 
 
-def _cfg_list(cfg: dict[str, int]) -> list[int]:
+# plain int widths whose SWAP loop may apply scale/zero per group -> kind_bit. Not int2: a SWAP step is >= 16 word
+# rows (a dot's K >= 16) = 256 2-bit rows, longer than any group size the format allows (32/64/128).
+GSCALE_KINDS = {4: 8}
+
+
+def gscale_step_rows(bits: int, block_k: int) -> int:
+    """K rows of one SWAP step of a ``bits``-wide plain int expert (``_int_loop``'s BKW words x 32/bits rows; BKW
+    is BLOCK_K for 4-bit and max(16, BLOCK_K*bits/4) below: a dot needs K >= 16 word rows)."""
+    bkw = block_k if bits >= 4 else max(16, block_k * bits // 4)
+    return bkw * (32 // bits)
+
+
+def _int_groups(w: PackedWeights) -> dict[int, int] | None:
+    """{bits: gcd of the group sizes of the plain int experts of that width} for ``GSCALE_KINDS``, read from einfo
+    once and cached on ``w`` (``_gscale_groups``); None where einfo cannot be read without a host sync inside a forward
+    (explicit ``kinds``, fake tensors, torch.compile tracing, CUDA-graph capture before the first read)."""
+    cached = getattr(w, "_gscale_groups", None)
+    if cached is not None:
+        return cached
+    if getattr(w, "kinds", None) is not None:
+        return None
+    try:
+        if torch.compiler.is_compiling() or (w.einfo.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return None
+        groups: dict[int, int] = {}
+        for row in w.einfo.cpu().tolist():
+            if row[F_KIND] == KIND_INT and row[F_BITS] in GSCALE_KINDS:
+                groups[row[F_BITS]] = math.gcd(groups.get(row[F_BITS], 0), int(row[F_GROUP]))
+    except Exception:  # fake / meta tensors
+        return None
+    w._gscale_groups = groups
+    return groups
+
+
+def gscale_mask(w: PackedWeights | None, cfg: dict[str, int]) -> int:
+    """The kernel's GSCALE mask for ``cfg`` on ``w``: ``kind_bit`` of each ``GSCALE_KINDS`` kind present whose
+    every expert's group size is a multiple of the SWAP step (``gscale_step_rows``) and whose split-K ranges start
+    on a step; 0 without ``"GSCALE": 1`` + ``"SWAP": 1`` (FMA / KT configs ignore it). Kinds that fail the check
+    (and every other kind) keep the per-element SWAP loop in the same launch. ``w`` None (a key model): all of
+    ``GSCALE_KINDS``."""
+    if not cfg.get("GSCALE") or not cfg.get("SWAP") or cfg.get("FMA") or cfg.get("KT"):
+        return 0
+    if w is None:
+        return sum(GSCALE_KINDS.values())
+    groups = _int_groups(w)
+    if not groups:
+        return 0
+    k_split = _split_k(w.k, int(cfg.get("SPLIT_K", 1)))[0]
+    mask = 0
+    for bits, bit in GSCALE_KINDS.items():
+        step = gscale_step_rows(bits, int(cfg["BLOCK_K"]))
+        if w.kinds_mask & bit and bits in groups and groups[bits] % step == 0 and k_split % step == 0:
+            mask |= bit
+    return mask
+
+
+def _cfg_list(cfg: dict[str, int], w: PackedWeights | None = None) -> list[int]:
+    """The op's config list (also the warm-up key): BLOCK_M/N/K, warps, stages, FMA, SPLIT_K, KT, ASM, SWAP,
+    GSCALE mask (``gscale_mask(w, cfg)``)."""
     return [int(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")] + [
         int(cfg.get("FMA", 0)), int(cfg.get("SPLIT_K", 1)), int(cfg.get("KT", 0)),
-        int(cfg.get("ASM", 0)), int(cfg.get("SWAP", 0))]
+        int(cfg.get("ASM", 0)), int(cfg.get("SWAP", 0)), gscale_mask(w, cfg)]
 
 
 def grouped_gemm(x: torch.Tensor, w: PackedWeights, cfg: dict[str, int], *, mode: int, route: Route | None = None,
@@ -102,7 +162,9 @@ def grouped_gemm(x: torch.Tensor, w: PackedWeights, cfg: dict[str, int], *, mode
             optional ``"ASM": 1`` dequantizes 4-bit, 2-bit and int3 experts with packed-bf16 PTX (GPU, bf16
             activations); optional ``"SWAP": 1`` (tensor-core per-slot loop, not FMA / KT) computes
             ``acc^T += W x^T`` so the dequantized weights are the dot's A operand (sm90, BLOCK_N >= 64 per 4 warps:
-            wgmma with A in registers), then transposes once for the epilogue.
+            wgmma with A in registers), then transposes once for the epilogue; optional ``"GSCALE": 1`` (with
+            SWAP) applies scale/zero of plain int4 experts per group to partial sums, for the kinds whose
+            group size is a multiple of the step (``gscale_mask``; the others keep the per-element loop).
         mode: MODE_PLAIN, MODE_GATE_UP (fused SiLU-and-mul) or MODE_DOWN (router weights applied).
         route: tile map (None: dense, one expert, rows 0..R-1).
         topk_weights: [T*K] fp32 router weights (MODE_DOWN).
@@ -143,7 +205,7 @@ def grouped_gemm(x: torch.Tensor, w: PackedWeights, cfg: dict[str, int], *, mode
         tw = w.einfo
     return torch.ops.mxserve.grouped_gemm(x, w.qw, w.pw, w.meta, w.wbf, w.einfo, sorted_ids, block_expert, num_post,
                                           tw, n_out, w.k, w.n, n_out, a_div, num_valid, out_rows, mode, dense,
-                                          zero_init, _cfg_list(cfg), w.kinds_mask)
+                                          zero_init, _cfg_list(cfg, w), w.kinds_mask)
 
 
 @torch.library.custom_op("mxserve::dequant_bf16", mutates_args=())

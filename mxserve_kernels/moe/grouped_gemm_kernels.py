@@ -192,6 +192,41 @@ def _dq3_bf16x2(words, hi, s, z):
         dtype=_BF16X16, is_pure=True, pack=1)
 
 
+def _codes_asm(bits: int) -> str:
+    """PTX body of the GSCALE code split (``_codes_bf16``) of one 32-bit word of ``bits`` = 4 or 2: outputs
+    ``$0 .. $(PER-1)`` = code slots as exact bf16 ``128 + code`` (no scale/zero: GSCALE applies them per group to the
+    partial sums), then the word. Per pair of slots i, i + PER/2: one shift (none for i = 0) and one ``lop3``
+    (``(w >> bits*i) & mask | 0x43004300``), i.e. ~0.5 instruction per weight instead of ``_dq_asm``'s ~1.5."""
+    if bits not in (2, 4):
+        raise ValueError(f"_codes_asm: bits must be 2 or 4, got {bits}")
+    per = 32 // bits
+    mask = "0x000f000f" if bits == 4 else "0x00030003"
+    lines = ["{", ".reg .b32 t, c;"]
+    for i in range(per // 2):
+        if i:
+            lines.append(f"shr.u32 c, ${per}, {bits * i};")
+        lines += [f"lop3.b32 t, {f'${per}' if i == 0 else 'c'}, {mask}, 0x43004300, 0xea;",
+                  f"mov.b32 {{${i}, ${i + per // 2}}}, t;"]
+    return "\n".join(lines + ["}"])
+
+
+_CODES4_ASM = tl.constexpr(_codes_asm(4))
+_CODES2_ASM = tl.constexpr(_codes_asm(2))
+
+
+@triton.jit
+def _codes_bf16(words, BITS: tl.constexpr):
+    """The 32/BITS code slots of ``words`` (4- or 2-bit) as bf16 tensors holding ``128 + code`` (exact: integers
+    <= 255 are bf16 values); slot j = K row ``kw*PER + j``."""
+    if BITS == 4:
+        res = tl.inline_asm_elementwise(asm=_CODES4_ASM, constraints="=h," * 8 + "r", args=[words],
+                                        dtype=_BF16X8, is_pure=True, pack=1)
+    else:
+        res = tl.inline_asm_elementwise(asm=_CODES2_ASM, constraints="=h," * 16 + "r", args=[words],
+                                        dtype=_BF16X16, is_pure=True, pack=1)
+    return res
+
+
 @triton.jit
 def _mma(a, w, acc, IS_FP32: tl.constexpr, SWAP: tl.constexpr):
     """acc += a @ w (a ``[BM, k]`` activations, w ``[k, BN]`` weights); SWAP: acc^T += w @ a with w ``[BN, k]``
@@ -419,13 +454,96 @@ def _int_loop(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, met
 
 
 @triton.jit
+def _int_loop_gs(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, meta_ptr, qoff, moff, g, wcols, n_up, K,
+                 k_lo, k_hi, offs_n, n_mask, BITS: tl.constexpr, DUAL: tl.constexpr, BLOCK_K: tl.constexpr,
+                 IS_FP32: tl.constexpr, ASM: tl.constexpr):
+    """The SWAP K loop of a plain int4 expert (written for BITS 4 or 2) with scale and zero applied per group to partial sums (config
+    ``GSCALE``; the launcher enables it only when every step of ``BKW*PER`` K rows lies inside one quantization
+    group: ``BKW*PER`` divides g and the program's K range starts on a step). Per step::
+
+        part[BN, BM] = sum_j Q_j[BN, BKW] @ x_j[BKW, BM]        (codes only: the dot's register A operand)
+        accT[BN, BM] += s[BN, None] * part + z'[BN, None] * xsum[None, BM]
+
+    with ``xsum`` the sum of the step's activation rows and s / z the step's group row, loaded once per step as
+    ``[BN]`` vectors. ASM (bf16 activations): codes enter the dot as exact bf16 ``128 + q`` (one ``lop3`` per 2
+    weights, ``_codes_bf16``), so ``z' = z - 128 s``; otherwise as ``q`` (``_code_f32``, exact) and ``z' = z``. The
+    weights are never rounded to bf16 (more exact than the per-element dequant); partials accumulate in fp32."""
+    PER: tl.constexpr = 32 // BITS
+    BKW0: tl.constexpr = (BLOCK_K * BITS // 4) if BITS < 4 else BLOCK_K
+    BKW: tl.constexpr = 16 if BKW0 < 16 else BKW0
+    STEP: tl.constexpr = BKW * PER
+    USE_ASM: tl.constexpr = ASM and not IS_FP32 and x_ptr.dtype.element_ty == tl.bfloat16
+    kw_lo = k_lo // PER
+    kw_hi = k_hi // PER
+    kg = K // g
+    offs_w = tl.arange(0, BKW)
+    offs_s = tl.arange(0, STEP)
+    col = offs_n[:, None]
+    ac = tl.zeros((acc.shape[1], acc.shape[0]), dtype=tl.float32)
+    ac2 = tl.zeros((acc.shape[1], acc.shape[0]), dtype=tl.float32)
+    for w0 in range(kw_lo, kw_hi, BKW):
+        wr = w0 + offs_w
+        m2 = (wr < kw_hi)[None, :] & n_mask[:, None]
+        wp = qw_ptr + qoff + wr[None, :] * wcols + col  # [BN, BKW] words (SWAP orientation, no transpose)
+        words = tl.load(wp, mask=m2, other=0)
+        words2 = words
+        if DUAL:
+            words2 = tl.load(wp + n_up, mask=m2, other=0)
+        a_ptrs = x_ptr + x_rows[None, :] * stride_xm + (wr * PER)[:, None]
+        a_mask = row_mask[None, :] & (wr < kw_hi)[:, None]
+        part = tl.zeros((acc.shape[1], acc.shape[0]), dtype=tl.float32)
+        part2 = tl.zeros((acc.shape[1], acc.shape[0]), dtype=tl.float32)
+        if USE_ASM:
+            ws = _codes_bf16(words, BITS)
+            ws2 = ws
+            if DUAL:
+                ws2 = _codes_bf16(words2, BITS)
+            for j in tl.static_range(PER):
+                a = tl.load(a_ptrs + j, mask=a_mask, other=0.0)
+                part = tl.dot(ws[j], a, part)
+                if DUAL:
+                    part2 = tl.dot(ws2[j], a, part2)
+        else:
+            for j in tl.static_range(PER):
+                a = tl.load(a_ptrs + j, mask=a_mask, other=0.0)
+                part = _mma(a, _code_f32((words >> (j * BITS)) & ((1 << BITS) - 1)), part, IS_FP32, True)
+                if DUAL:
+                    part2 = _mma(a, _code_f32((words2 >> (j * BITS)) & ((1 << BITS) - 1)), part2, IS_FP32, True)
+        # sum of the step's activation rows (rows past k_hi and padding tokens read as 0): one [STEP, BM] load
+        kr = w0 * PER + offs_s
+        xa = tl.load(x_ptr + x_rows[None, :] * stride_xm + kr[:, None], mask=row_mask[None, :] & (kr < k_hi)[:, None],
+                     other=0.0)
+        xsum = tl.sum(xa.to(tl.float32), axis=0)[None, :]
+        sp = meta_ptr + moff + ((w0 * PER) // g) * wcols + offs_n  # the step's group row of scales
+        s = tl.load(sp, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(sp + kg * wcols, mask=n_mask, other=0.0).to(tl.float32)
+        if USE_ASM:
+            z = z - 128.0 * s
+        ac += s[:, None] * part + z[:, None] * xsum
+        if DUAL:
+            s2 = tl.load(sp + n_up, mask=n_mask, other=0.0).to(tl.float32)
+            z2 = tl.load(sp + kg * wcols + n_up, mask=n_mask, other=0.0).to(tl.float32)
+            if USE_ASM:
+                z2 = z2 - 128.0 * s2
+            ac2 += s2[:, None] * part2 + z2[:, None] * xsum
+    acc += tl.trans(ac)
+    if DUAL:
+        acc2 += tl.trans(ac2)
+    return acc, acc2
+
+
+@triton.jit
 def _int_any(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr, qoff, poff, moff, pm, g, wcols,
              n_up, K, k_lo, k_hi, offs_n, n_mask, KIND: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr,
              DUAL: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr, FMA: tl.constexpr, KT: tl.constexpr,
-             ASM: tl.constexpr, SWAP: tl.constexpr = False):
-    """The integer K loop the config selects: ``_int_loop_kt`` (KT, tensor cores), else ``_int_loop`` (ASM: the
+             ASM: tl.constexpr, SWAP: tl.constexpr = False, GS: tl.constexpr = False):
+    """The integer K loop the config selects: ``_int_loop_kt`` (KT, tensor cores), ``_int_loop_gs`` (GS: SWAP with
+    per-group scale/zero, plain int4 only, enabled by the launcher), else ``_int_loop`` (ASM: the
     packed-bf16 dequant for 4-bit experts)."""
-    if KT and not FMA:
+    if GS and SWAP and not FMA and not KT and KIND == 2 and BITS == 4:
+        acc, acc2 = _int_loop_gs(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, meta_ptr, qoff, moff, g,
+                                 wcols, n_up, K, k_lo, k_hi, offs_n, n_mask, BITS, DUAL, BLOCK_K, IS_FP32, ASM)
+    elif KT and not FMA:
         acc, acc2 = _int_loop_kt(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr, qoff, poff,
                                  moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask, KIND, BITS, NP, DUAL,
                                  BLOCK_K, IS_FP32)
@@ -478,12 +596,15 @@ def grouped_gemm_kernel(x_ptr, out_ptr, qw_ptr, pw_ptr, meta_ptr, wbf_ptr, einfo
                         MODE: tl.constexpr, DENSE: tl.constexpr, NFIELDS: tl.constexpr, IS_FP32: tl.constexpr,
                         KINDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         FMA: tl.constexpr = False, SPLIT_K: tl.constexpr = 1, KT: tl.constexpr = False,
-                        ASM: tl.constexpr = False, SWAP: tl.constexpr = False):
+                        ASM: tl.constexpr = False, SWAP: tl.constexpr = False, GSCALE: tl.constexpr = 0):
     """Grid (m-blocks, cdiv(N, BLOCK_N), splits). SPLIT_K > 1: program z owns K rows [z*k_split, (z+1)*k_split)
     and stores fp32 partials (MODE 1: gate | up columns side by side; MODE 2: router weight applied) at
     ``out_ptr + z*stride_ks``; ``splitk_reduce_kernel`` sums them and applies the activation. Rows of block b: ``sorted_ids[b*BLOCK_M:(b+1)*BLOCK_M]`` (ids >= num_valid
     are padding), expert ``block_expert[b]``; DENSE: rows ``b*BLOCK_M + arange`` and expert 0. KINDS: bit mask of
-    the expert kinds present (``layout.kind_bit``), so only their K loops are compiled (compile time, registers)."""
+    the expert kinds present (``layout.kind_bit``), so only their K loops are compiled (compile time, registers).
+    GSCALE: ``kind_bit`` mask (int4: 8) of the kinds whose SWAP loop applies scale/zero per group
+    (``_int_loop_gs``), set by the launcher only where every K step lies inside one quantization group (int2: its
+    steps are >= 256 rows, longer than any group the format allows, so it never qualifies)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_lo = 0
@@ -524,7 +645,8 @@ def grouped_gemm_kernel(x_ptr, out_ptr, qw_ptr, pw_ptr, meta_ptr, wbf_ptr, einfo
             if (kind == 2) & (bits == 4):
                 acc, acc2 = _int_any(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,
                                      qoff, poff, moff, pm, g, wcols, n_up, K, k_lo, k_hi, offs_n, n_mask,
-                                      2, 4, 0, DUAL, BLOCK_K, IS_FP32, FMA, KT, ASM, SWAP)
+                                      2, 4, 0, DUAL, BLOCK_K, IS_FP32, FMA, KT, ASM, SWAP,
+                                     (GSCALE & 8) != 0)
         if (KINDS & 4) != 0:
             if (kind == 2) & (bits == 2):
                 acc, acc2 = _int_any(acc, acc2, x_ptr, x_rows, row_mask, stride_xm, qw_ptr, pw_ptr, meta_ptr,

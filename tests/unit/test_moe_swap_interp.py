@@ -98,3 +98,81 @@ def test_cfg_list_carries_swap():
     from mxserve_kernels.moe.grouped_gemm import _cfg_list
     base = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=3)
     assert _cfg_list(base)[9] == 0 and _cfg_list({**base, "SWAP": 1})[9] == 1
+
+
+# GSCALE (config "GSCALE": 1 with SWAP): scale/zero applied per group to partial sums for plain int4 experts whose
+# group covers whole steps (BLOCK_K 16: 128-row steps, so g128); int4 g64 and every other kind keep the per-element
+# loop in the same launch.
+GS_SCHEMES = ["int4_g128_asym", "int4_g128_sym", "int4_g64_asym", "int2_g128_asym", "int3_g64_sym",
+              "int8_g32_sym_fp16", "bf16", "int2_g32_asym_nested3", "int1_g32_asym"]
+
+
+@needs_interp
+@pytest.mark.parametrize("split,h", [(2, 512)])
+def test_fused_moe_gscale_every_kind(split, h):
+    """GSCALE on, every kind in one launch, fp32 activations (exact dot) vs the fp32 reference within the
+    GROUPED_GEMM tolerance, and fp16 activations vs the reference on the same fp16-rounded input. split 2 gives
+    programs K ranges starting at row 256 (a step and group boundary)."""
+    from mxserve_kernels.moe import fused_moe, prepare_experts
+    from mxserve_kernels.moe import reference as moe_ref
+    from mxserve_kernels.moe.grouped_gemm import gscale_mask
+    i = 256
+    w = prepare_experts(*make_experts(GS_SCHEMES, hidden=h, inter=i), hidden=h, inter=i)
+    cfg = dict(_cfg(64, 16, split), GSCALE=1)
+    assert gscale_mask(w.w13, cfg) == 0  # int4 g64 present: the int4 kind falls back
+    w = prepare_experts(*make_experts([s for s in GS_SCHEMES if s != "int4_g64_asym"], hidden=h, inter=i),
+                        hidden=h, inter=i)
+    assert gscale_mask(w.w13, cfg) == 8 and gscale_mask(w.w2, cfg) == 8
+    tw, ids = make_routing(5, 3, w.num_experts, "random")
+    x = torch.randn(5, h)
+    got32 = fused_moe(x, w, tw, ids, config={"w13": cfg, "w2": dict(cfg)}, prefill_dequant=False)
+    assert rel_mean_err(moe_ref.fused_moe(x, w, tw, ids), got32) < GROUPED_GEMM_REL_MEAN[torch.float32]
+    got16 = fused_moe(x.to(torch.float16), w, tw, ids, config={"w13": cfg, "w2": dict(cfg)}, prefill_dequant=False)
+    assert rel_mean_err(moe_ref.fused_moe(x.to(torch.float16).float(), w, tw, ids), got16.float()) \
+        < GROUPED_GEMM_REL_MEAN[torch.float16]
+
+
+@needs_interp
+@pytest.mark.parametrize("name", ["int4_g128_asym", "int4_g128_sym"])
+def test_dequant_linear_gscale_bit_exact(name):
+    """x = identity (fp32): the GSCALE loop's output is ``s * q + z`` per weight (part = q, xsum = 1), equal to the
+    canonical oracle bit for bit -- catches a wrong group row, zero correction, xsum or K order. The launcher must
+    have enabled GSCALE (else this would test the per-element loop)."""
+    from mxserve_kernels._common.synth import random_canonical
+    from mxserve_kernels.formats import WeightScheme
+    from mxserve_kernels.moe.grouped_gemm import gscale_mask
+    from mxserve_kernels.quant import dequant_linear, prepare_linear
+    from mxserve_kernels.quant import reference as qref
+    s = WeightScheme.parse(name)
+    k = 640
+    t = random_canonical(s, 64, k, generator=torch.Generator().manual_seed(7))
+    lw = prepare_linear(s, t, k=k)
+    cfg = dict(_cfg(64, 16), GSCALE=1)
+    assert gscale_mask(lw, cfg) == 8
+    got = dequant_linear(torch.eye(k), lw, config=cfg)
+    assert torch.equal(got.t(), qref.dequantize(s, t, k))
+
+
+def test_gscale_mask_checks_group_against_step():
+    """The launcher enables GSCALE only where the step lies inside one group: 4-bit steps of 128 (BLOCK_K 16) /
+    256 rows (BLOCK_K 32) against g, split-K starts, only with SWAP (not KT), never for other kinds (2-bit steps
+    are >= 256 rows)."""
+    from mxserve_kernels._common.synth import random_canonical
+    from mxserve_kernels.formats import WeightScheme
+    from mxserve_kernels.moe.grouped_gemm import _cfg_list, gscale_mask, gscale_step_rows
+    from mxserve_kernels.quant import prepare_linear
+    assert [gscale_step_rows(4, 16), gscale_step_rows(4, 32), gscale_step_rows(2, 16), gscale_step_rows(2, 64)] \
+        == [128, 256, 256, 512]
+
+    def mask(name, k=512, **cfg):
+        s = WeightScheme.parse(name)
+        lw = prepare_linear(s, random_canonical(s, 64, k, generator=torch.Generator().manual_seed(1)), k=k)
+        return gscale_mask(lw, {**_cfg(64, 16), "GSCALE": 1, **cfg})
+    assert mask("int4_g128_asym") == 8 and mask("int4_g128_asym", BLOCK_K=32) == 0
+    assert mask("int4_g64_asym") == 0 and mask("int2_g128_asym") == 0
+    assert mask("int4_g128_asym", k=384, SPLIT_K=2) == 0  # k_split 192: the second range starts mid-step
+    assert mask("int4_g128_asym", k=512, SPLIT_K=2) == 8
+    assert mask("int4_g128_asym", SWAP=0) == 0 and mask("int4_g128_asym", KT=1) == 0
+    assert mask("int3_g128_asym") == 0 and mask("int8_g128_sym") == 0
+    base = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=3, SWAP=1)
+    assert _cfg_list(base)[10] == 0 and _cfg_list({**base, "GSCALE": 1})[10] == 8
