@@ -25,7 +25,7 @@ from mxserve_kernels._common import configs
 from mxserve_kernels.bench.bench_moe import OURS, SHAPES, TOKENS, _bench, build_ours
 from mxserve_kernels.moe import moe_align
 from mxserve_kernels.moe.fused_moe import PREFILL_DEQUANT_ROWS
-from mxserve_kernels.moe.grouped_gemm import MODE_DOWN, MODE_GATE_UP, dequant_bf16, grouped_gemm
+from mxserve_kernels.moe.grouped_gemm import MODE_DOWN, MODE_GATE_UP, dequant_bf16, grouped_gemm, gscale_step_rows
 
 COST_SCHEMES = ("int1_g128_asym", "int2_g128_asym", "int3_g128_asym", "int4_g128_asym", "int8_g128_sym", "bf16")
 COST_M = (1, 4, 16, 64, 256, 1024)
@@ -58,6 +58,11 @@ def swap_candidates(rows_per_expert: float, quick: bool):
                     for asm in ((1,) if quick else (1, 0)):
                         yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=3, SPLIT_K=sk,
                                    ASM=asm, SWAP=1)
+                        # GSCALE: int4 scale/zero per group on partial sums, only where a 4-bit step (BLOCK_K*8
+                        # rows) lies inside a g128 group (grouped_gemm.gscale_mask; other steps would fall back)
+                        if rows_per_expert <= 64 and gscale_step_rows(4, bk) <= 128:
+                            yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=3, SPLIT_K=sk,
+                                       ASM=asm, SWAP=1, GSCALE=1)
 
 
 def _base_candidates(rows_per_expert: float, quick: bool):

@@ -201,6 +201,41 @@ def test_fused_moe_swap_gpu(bn, nw, bk, split, asm, t):
     assert rel_mean_err(plain.float(), got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
 
 
+@pytest.mark.parametrize("bn,nw,split,asm,t", [(64, 4, 1, 1, 4), (64, 4, 2, 1, 16), (128, 8, 1, 1, 64),
+                                               (64, 4, 1, 0, 16)])
+def test_fused_moe_gscale_gpu(bn, nw, split, asm, t):
+    """GSCALE (int4 g128 scale/zero per group on partial sums, BLOCK_K 16) next to the per-element SWAP loop and
+    the reference: uniform W4 g128 (GSCALE on for every expert) and MIX (int4 g128 experts on, the rest fall back)."""
+    from mxserve_kernels.moe.grouped_gemm import gscale_mask
+    h, i = 2048, 768
+    for names, e in ((["int4_g128_asym"], 32), (MIX, len(MIX))):
+        w = prepare_experts(*_experts(names, e, h, i, seed=23), hidden=h, inter=i)
+        tw, ids = make_routing(t, 4, e, "random", device="cuda")
+        x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
+        cfg = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=16, num_warps=nw, num_stages=3, SPLIT_K=split, ASM=asm, SWAP=1)
+        gcfg = {**cfg, "GSCALE": 1}
+        if "int4_g128_asym" in names:
+            assert gscale_mask(w.w13, gcfg) == 8 and gscale_mask(w.w2, gcfg) == 8
+        got = fused_moe(x, w, tw, ids, config={"w13": gcfg, "w2": dict(gcfg)}, prefill_dequant=False)
+        want = moe_ref.fused_moe(x.float(), w, tw, ids)
+        assert rel_mean_err(want, got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
+        plain = fused_moe(x, w, tw, ids, config={"w13": cfg, "w2": dict(cfg)}, prefill_dequant=False)
+        assert rel_mean_err(plain.float(), got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
+
+
+def test_gscale_bit_exact_dequant_gpu():
+    """x = identity in fp32 through the GSCALE loop returns W^T equal to the oracle (int4 g128 asym / sym)."""
+    from mxserve_kernels.moe.grouped_gemm import gscale_mask
+    cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=3, SWAP=1, GSCALE=1)
+    for name in ("int4_g128_asym", "int4_g128_sym"):
+        s = WeightScheme.parse(name)
+        t = random_canonical(s, 256, 512, device="cuda", generator=torch.Generator("cuda").manual_seed(4))
+        lw = prepare_linear(s, t, k=512)
+        assert gscale_mask(lw, cfg) == 8
+        got = dequant_linear(torch.eye(512, device="cuda"), lw, config=cfg)
+        torch.testing.assert_close(got.t(), qref.dequantize(s, t, 512), **BIT_EXACT)
+
+
 def test_swap_bit_exact_dequant_gpu():
     """x = identity in fp32 (exact dot) through the SWAP loop returns W^T equal to the oracle for every kind."""
     cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=3, SWAP=1)

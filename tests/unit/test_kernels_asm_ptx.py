@@ -90,3 +90,24 @@ def test_emulator_catches_a_wrong_slot_order(bits):
 def test_dq_asm_rejects_other_widths():
     with pytest.raises(ValueError, match="bits must be 2, 3 or 4"):
         _dq_asm(8)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_gscale_codes_ptx_slots(bits):
+    """GSCALE's code split (``_codes_asm``): every slot j of a word comes out as the exact bf16 ``128 + code`` in
+    slot order; negative control: two swapped output slots are detected."""
+    from mxserve_kernels.moe.grouped_gemm_kernels import _codes_asm
+    per = 32 // bits
+    g = torch.Generator().manual_seed(300 + bits)
+    src = _codes_asm(bits)
+    for _ in range(64):
+        codes = torch.randint(0, 1 << bits, (per,), generator=g).tolist()
+        word = sum(q << (bits * j) for j, q in enumerate(codes))
+        assert [_bf16_val(b) for b in run_ptx(src, [word], per)] == [128.0 + q for q in codes], codes
+    bad = src.replace(f"mov.b32 {{$0, ${per // 2}}}, t;", f"mov.b32 {{${per // 2}, $0}}, t;")
+    assert bad != src
+    codes = [1] * (per // 2) + [2] * (per // 2)  # slots 0 and PER/2 differ
+    word = sum(q << (bits * j) for j, q in enumerate(codes))
+    assert [_bf16_val(b) for b in run_ptx(bad, [word], per)] != [128.0 + q for q in codes]
+    with pytest.raises(ValueError, match="bits must be 2 or 4"):
+        _codes_asm(3)

@@ -21,22 +21,23 @@ NAMES = ["x_ptr", "out_ptr", "qw_ptr", "pw_ptr", "meta_ptr", "wbf_ptr", "einfo_p
 TYPES = ["*bf16", "*bf16", "*i32", "*i32", "*bf16", "*bf16", "*i64", "*i32", "*i32", "*i32", "*fp32"] + ["i32"] * 10
 
 
-def compile_ttgir(kinds: int, asm: bool, swap: bool, block_n: int = 64, block_k: int = 16, mode: int = 1) -> str:
-    """sm90 TTGIR of one grouped GEMM variant (BLOCK_M 16, 4 warps, 3 stages)."""
+def compile_ttgir(kinds: int, asm: bool, swap: bool, block_n: int = 64, block_k: int = 16, mode: int = 1,
+                  gscale: int = 0, ir: str = "ttgir") -> str:
+    """sm90 TTGIR (or ``ir="ptx"``) of one grouped GEMM variant (BLOCK_M 16, 4 warps, 3 stages)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from mxserve_kernels._common.layout import NFIELDS
     from mxserve_kernels.moe.grouped_gemm_kernels import grouped_gemm_kernel
     const = dict(MODE=mode, DENSE=False, NFIELDS=NFIELDS, IS_FP32=False, KINDS=kinds, BLOCK_M=16, BLOCK_N=block_n,
-                 BLOCK_K=block_k, FMA=False, SPLIT_K=1, KT=False, ASM=asm, SWAP=swap)
+                 BLOCK_K=block_k, FMA=False, SPLIT_K=1, KT=False, ASM=asm, SWAP=swap, GSCALE=gscale)
     sig = dict(zip(NAMES, TYPES))
     sig.update({c: "constexpr" for c in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(NAMES)
              if n not in ("a_div", "num_valid", "stride_ks")}
     c = triton.compile(ASTSource(fn=grouped_gemm_kernel, signature=sig, constexprs=const, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
-    return c.asm["ttgir"]
+    return c.asm[ir]
 
 
 def _dots(ttgir: str) -> tuple[list[str], list[str]]:
@@ -74,3 +75,27 @@ def test_without_swap_weights_go_through_shared_memory():
     wg, plain = _dots(ttgir)
     assert plain and not wg
     assert re.findall(r"ttg\.local_alloc %\S+ : \(tensor<16x64xbf16", ttgir)
+
+
+@pytest.mark.parametrize("asm", [True, False], ids=["asm1", "asm0"])
+def test_gscale_keeps_register_a_without_scale_tiles(asm):
+    """GSCALE (int4): still register-A ``warp_group_dot`` with no bf16 weight tile in shared memory; the only
+    operand-layout local_loads are the i32 code words (no ``[BN, BKW]`` scale/zero tiles any more: they are
+    ``[BN]`` vectors loaded in the accumulator's slice layout), and no ``fma.rn.bf16x2`` is left in the PTX."""
+    ttgir = compile_ttgir(8, asm, swap=True, gscale=8)
+    wg, plain = _dots(ttgir)
+    assert wg and not plain and all("dot_op<{opIdx = 0" in t for t in wg), set(wg)
+    assert not _weight_allocs(ttgir, 64, 16)
+    loads = set(re.findall(r"ttg\.local_load .* -> (tensor<[^,]*),", ttgir))
+    assert loads == {"tensor<64x16xi32"}, loads
+    assert re.search(r"tt\.load .* : tensor<64x!tt\.ptr<bf16>, #ttg\.slice<\{dim = 1, parent = #mma", ttgir)
+    ptx = compile_ttgir(8, asm, swap=True, gscale=8, ir="ptx")
+    assert "fma.rn.bf16x2" not in ptx and "wgmma.mma_async" in ptx
+
+
+def test_gscale_off_keeps_scale_tiles():
+    """Negative control for the check above: the same config without GSCALE still reads bf16 scale/zero tiles in
+    the operand layout and dequantizes with fma.rn.bf16x2."""
+    ttgir = compile_ttgir(8, True, swap=True, gscale=0)
+    assert "tensor<64x16xbf16" in " ".join(re.findall(r"ttg\.local_load .* -> (tensor<[^,]*),", ttgir))
+    assert "fma.rn.bf16x2" in compile_ttgir(8, True, swap=True, gscale=0, ir="ptx")
