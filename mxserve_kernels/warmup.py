@@ -44,7 +44,7 @@ def _gemm_keys(pw, cfg: dict, mode: int, rows: int, kinds: int, a_div: int) -> l
     splits = _split_k(pw.k, int(cfg.get("SPLIT_K", 1)))[1]
     n_out = pw.n // 2 if mode == 1 else pw.n
     # num_valid (= rows) and the partials' stride are do_not_specialize: no T-dependent part in the keys
-    keys = [("grouped_gemm", mode, kinds, a_div == 1, tuple(_cfg_list(cfg)))]
+    keys = [("grouped_gemm", mode, kinds, a_div == 1, tuple(_cfg_list(cfg, pw)))]
     if splits > 1 and rows * n_out:
         keys.append(("splitk_reduce", mode, splits, _spec(n_out)))
     return keys
