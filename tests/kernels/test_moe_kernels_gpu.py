@@ -148,12 +148,11 @@ def test_fused_moe_ktile_gpu(bm, bk, nw, split, t):
     assert rel_mean_err(want, got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
 
 
-@pytest.mark.parametrize("bm,fma,split,t", [(1, 1, 1, 3), (1, 1, 2, 3), (4, 1, 1, 6), (16, 0, 1, 3), (16, 0, 2, 40)])
-def test_fused_moe_asm_gpu(bm, fma, split, t):
-    """ASM configs (4-bit experts dequantized with packed-bf16 PTX) vs the reference, every kind (the others take
-    the generic loop in the same launch), Qwen3 shapes; and equal to the generic loop within bf16 rounding."""
-    e, h, i = len(MIX), 2048, 768
-    w = prepare_experts(*_experts(MIX, e, h, i, seed=13), hidden=h, inter=i)
+def _check_asm_layer(schemes, e, seed, bm, fma, split, t):
+    """An ASM-config layer of ``schemes`` (cycled over ``e`` experts, Qwen3 shapes) vs the reference and vs the
+    generic loop (same config without ASM), within the GroupGEMM tolerance."""
+    h, i = 2048, 768
+    w = prepare_experts(*_experts(schemes, e, h, i, seed=seed), hidden=h, inter=i)
     tw, ids = make_routing(t, 4, e, "random", device="cuda")
     x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
     cfg = dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=3, FMA=fma, SPLIT_K=split)
@@ -162,6 +161,13 @@ def test_fused_moe_asm_gpu(bm, fma, split, t):
     assert rel_mean_err(want, got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
     generic = fused_moe(x, w, tw, ids, config={"w13": cfg, "w2": dict(cfg)})
     assert rel_mean_err(generic.float(), got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
+
+
+@pytest.mark.parametrize("bm,fma,split,t", [(1, 1, 1, 3), (1, 1, 2, 3), (4, 1, 1, 6), (16, 0, 1, 3), (16, 0, 2, 40)])
+def test_fused_moe_asm_gpu(bm, fma, split, t):
+    """ASM configs (4-bit experts dequantized with packed-bf16 PTX) vs the reference, every kind (the others take
+    the generic loop in the same launch), Qwen3 shapes; and equal to the generic loop within bf16 rounding."""
+    _check_asm_layer(MIX, len(MIX), 13, bm, fma, split, t)
 
 
 @pytest.mark.parametrize("schemes", [["int2_g128_asym"], ["int3_g128_asym"], ["int3_g64_sym", "int2_g32_asym"],
@@ -171,16 +177,7 @@ def test_fused_moe_asm_gpu(bm, fma, split, t):
 def test_fused_moe_asm2_gpu(schemes, bm, fma, split, t):
     """ASM configs on 2-bit and int3 experts (``_dq2_bf16x2`` / ``_dq3_bf16x2``: 16 slots per word, int3's high
     bit ORed in by the PTX) vs the reference and vs the generic loop, Qwen3 shapes."""
-    e, h, i = 8, 2048, 768
-    w = prepare_experts(*_experts(schemes, e, h, i, seed=17), hidden=h, inter=i)
-    tw, ids = make_routing(t, 4, e, "random", device="cuda")
-    x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
-    cfg = dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=3, FMA=fma, SPLIT_K=split)
-    got = fused_moe(x, w, tw, ids, config={"w13": {**cfg, "ASM": 1}, "w2": {**cfg, "ASM": 1}})
-    want = moe_ref.fused_moe(x.float(), w, tw, ids)
-    assert rel_mean_err(want, got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
-    generic = fused_moe(x, w, tw, ids, config={"w13": cfg, "w2": dict(cfg)})
-    assert rel_mean_err(generic.float(), got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
+    _check_asm_layer(schemes, 8, 17, bm, fma, split, t)
 
 
 @pytest.mark.parametrize("bn,nw,bk,split,asm,t", [(64, 4, 16, 1, 1, 1), (64, 4, 32, 2, 1, 3), (128, 8, 16, 1, 1, 16),
