@@ -127,6 +127,20 @@ def _page_split(pos, P: tl.constexpr):
 
 
 @triton.jit
+def _load_meta(meta_ptr, half, vm2, KM_OFF: tl.constexpr, VM_OFF: tl.constexpr, KMP: tl.constexpr,
+               VMP: tl.constexpr, KNG: tl.constexpr, VNG: tl.constexpr):
+    """K and V (scale, zero) fp16 pairs of a tile's tokens, [BN, KMP] and [BN, VMP] (``half`` = slot base / 2: the
+    fp16 view's index; ``vm2`` = [BN, 1] valid tokens)."""
+    mk = tl.arange(0, KMP)
+    mv = tl.arange(0, VMP)
+    km = tl.load(meta_ptr + half[:, None] + (KM_OFF // 2 + mk)[None, :], mask=vm2 & (mk < 2 * KNG)[None, :],
+                 other=0.0)
+    vmt = tl.load(meta_ptr + half[:, None] + (VM_OFF // 2 + mv)[None, :], mask=vm2 & (mv < 2 * VNG)[None, :],
+                  other=0.0)
+    return km, vmt
+
+
+@triton.jit
 def _load_tile(cache_ptr, meta_ptr, bt_ptr, bt_row, pos, valid, P: tl.constexpr, stride_cp, stride_ct, head_off,
                K_OFF: tl.constexpr, V_OFF: tl.constexpr, KM_OFF: tl.constexpr, VM_OFF: tl.constexpr,
                KNB: tl.constexpr, KNBT: tl.constexpr, KMP: tl.constexpr, KNG: tl.constexpr,
@@ -137,16 +151,11 @@ def _load_tile(cache_ptr, meta_ptr, bt_ptr, bt_row, pos, valid, P: tl.constexpr,
     base = page * stride_cp + pin * stride_ct + head_off  # int64 byte offset of each slot
     jk = tl.arange(0, KNBT)
     jv = tl.arange(0, VNBT)
-    mk = tl.arange(0, KMP)
-    mv = tl.arange(0, VMP)
     vm2 = valid[:, None]
     kb = tl.load(cache_ptr + base[:, None] + (K_OFF + jk)[None, :], mask=vm2 & (jk < KNB)[None, :], other=0)
     vb = tl.load(cache_ptr + base[:, None] + (V_OFF + jv)[None, :], mask=vm2 & (jv < VNB)[None, :], other=0)
     half = base >> 1
-    km = tl.load(meta_ptr + half[:, None] + (KM_OFF // 2 + mk)[None, :], mask=vm2 & (mk < 2 * KNG)[None, :],
-                 other=0.0)
-    vmt = tl.load(meta_ptr + half[:, None] + (VM_OFF // 2 + mv)[None, :], mask=vm2 & (mv < 2 * VNG)[None, :],
-                  other=0.0)
+    km, vmt = _load_meta(meta_ptr, half, vm2, KM_OFF, VM_OFF, KMP, VMP, KNG, VNG)
     return kb, vb, km, vmt
 
 
@@ -386,17 +395,12 @@ def _load_raw(meta_ptr, bt_ptr, bt_row, pos, valid, P: tl.constexpr, stride_cp, 
     half = (page * stride_cp + pin * stride_ct + head_off) >> 1
     jk = tl.arange(0, KNBT // 2)
     jv = tl.arange(0, VNBT // 2)
-    mk = tl.arange(0, KMP)
-    mv = tl.arange(0, VMP)
     vm2 = valid[:, None]
     kh = tl.load(meta_ptr + half[:, None] + (K_OFF // 2 + jk)[None, :], mask=vm2 & (2 * jk < KNB)[None, :],
                  other=0.0).to(tl.int16, bitcast=True)
     vh = tl.load(meta_ptr + half[:, None] + (V_OFF // 2 + jv)[None, :], mask=vm2 & (2 * jv < VNB)[None, :],
                  other=0.0).to(tl.int16, bitcast=True)
-    km = tl.load(meta_ptr + half[:, None] + (KM_OFF // 2 + mk)[None, :], mask=vm2 & (mk < 2 * KNG)[None, :],
-                 other=0.0)
-    vmt = tl.load(meta_ptr + half[:, None] + (VM_OFF // 2 + mv)[None, :], mask=vm2 & (mv < 2 * VNG)[None, :],
-                  other=0.0)
+    km, vmt = _load_meta(meta_ptr, half, vm2, KM_OFF, VM_OFF, KMP, VMP, KNG, VNG)
     return kh, vh, km, vmt
 
 
