@@ -7,8 +7,10 @@
 # calls, and never override PYTHONPATH once install.sh says "ready".
 #   kvtput    the issue-6 vLLM throughput rows (.ci/gpu/kv_throughput.sh: auto / mxmoe K2V1.5 / int4 / fp8 / K4V4,
 #             8k in / 256 out; the prefill OOM fix of session 5 is unmeasured; ~9 min)                 issue 6
-#   offload-e2e  48 layers: VARIANTS=mxmoe_w4_off25,gptq_w4_cpuoff25 (call 1), then mxmoe_w4,mxmoe_w4_off50
-#             (call 2; .ci/gpu/offload_e2e.sh; merge with `mxserve bench merge`; ~9 min each)            issues 7, 5
+#   offload-e2e  48 layers, ONE variant per call (session 5: mxmoe_w4_off25 started in 199 s and measured B=1 and
+#             8 only before its 322-s share ran out): VARIANTS=mxmoe_w4_off25, then gptq_w4_cpuoff25, then
+#             mxmoe_w4 (+ gptq_w4 for issue 5's 48-layer ratio); .ci/gpu/offload_e2e.sh; merge the JSONs with
+#             `mxserve bench merge`; ~9 min each                                                       issues 7, 5
 #   layerbench  python -m mxserve.scheduler.layer_bench: 48 offloaded layers without vLLM, per-step host split and
 #             compiles during timed steps (0 expected; ~3 min)                                          issue 7
 #   parallel  TP2 / EP vs 1 GPU (nvidia-h200-x2; mnnvl allreduce fusion now off; ~9 min)              issue 5
@@ -40,7 +42,7 @@ case $step in
   kvtput)
     OUT=$OUT timeout 570 bash .ci/gpu/kv_throughput.sh ;;
   offload-e2e)
-    OUT=$OUT VARIANTS=${VARIANTS:-mxmoe_w4_off25,gptq_w4_cpuoff25} bash .ci/gpu/offload_e2e.sh ;;
+    OUT=$OUT VARIANTS=${VARIANTS:-mxmoe_w4_off25} bash .ci/gpu/offload_e2e.sh ;;
   layerbench)
     timeout 300 python3 -m mxserve.scheduler.layer_bench --json "$OUT/offload_layer_bench.json" --budgets 0.25,1.0 ;;
   gpu-tests)
