@@ -76,26 +76,11 @@ def dominant_bits(rows: Iterable[tuple[int, int]]) -> int:
 
 
 def projection_bits(pw) -> int:
-    """``dominant_bits`` of a ``PackedWeights``, read from its einfo once and stored on it (``_dominant_bits``).
-
-    Weights built with an explicit ``kinds`` mask (built inside forwards, e.g. slot-pool views) and fake tensors
-    are never read back to the host: they get REFERENCE_BITS unless their builder stored ``_dominant_bits``.
-    """
-    cached = getattr(pw, "_dominant_bits", None)
-    if cached is not None:
-        return cached
-    if getattr(pw, "kinds", None) is not None:
-        return REFERENCE_BITS
-    try:
-        import torch
-        if torch.compiler.is_compiling() or (pw.einfo.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return REFERENCE_BITS
-        from mxserve_kernels._common.layout import F_BITS, F_KIND
-        bits = dominant_bits((r[F_KIND], r[F_BITS]) for r in pw.einfo.cpu().tolist())
-    except Exception:  # fake / meta tensors (tracing)
-        return REFERENCE_BITS
-    pw._dominant_bits = bits
-    return bits
+    """``dominant_bits`` of a ``PackedWeights``, computed once when it was built (``_dominant_bits``). Weights built
+    with an explicit ``kinds`` mask (views built inside forwards, e.g. slot-pool views) and fake tensors have none:
+    REFERENCE_BITS, unless their builder stored ``_dominant_bits``."""
+    bits = getattr(pw, "_dominant_bits", None)
+    return REFERENCE_BITS if bits is None else bits
 
 
 def _check_entry(entry, path: str, where: str, projs: tuple[str, ...] | None = None) -> None:

@@ -25,6 +25,8 @@ kernels compute the same expression.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -88,22 +90,29 @@ class PackedWeights:
 
     def __post_init__(self) -> None:
         # kind mask read from einfo once, at construction (real tensors), never in a forward (no host sync there)
-        # and the dominant storage width (``configs.dominant_bits``: which tuned config entry the launches use)
+        # with the other host facts the launcher needs: the dominant storage width (``configs.dominant_bits``:
+        # which tuned config entry the launches use) and, per plain int width, the gcd of its experts' group sizes
+        # (``grouped_gemm.gscale_mask``). None where einfo is not read: explicit ``kinds`` (views built inside
+        # forwards, e.g. the offload slot pool) and fake / meta tensors.
         self._dominant_bits = None
+        self._int_group_gcd = None
         if self.kinds is not None:
             self._kinds_mask = int(self.kinds)
             return
         try:
-            mask, rows = 0, []
-            for row in self.einfo.cpu().tolist():
-                mask |= kind_bit(row[F_KIND], row[F_BITS], row[F_NPLANES])
-                rows.append((row[F_KIND], row[F_BITS]))
+            rows = self.einfo.cpu().tolist()
         except Exception:  # fake / meta tensors (tracing): compile every K loop
-            mask, rows = ALL_KINDS, None
+            self._kinds_mask = ALL_KINDS
+            return
+        mask, gcd = 0, {}
+        for row in rows:
+            mask |= kind_bit(row[F_KIND], row[F_BITS], row[F_NPLANES])
+            if row[F_KIND] == KIND_INT:
+                gcd[row[F_BITS]] = math.gcd(gcd.get(row[F_BITS], 0), int(row[F_GROUP]))
         self._kinds_mask = mask
-        if rows is not None:
-            from mxserve_kernels._common.configs import dominant_bits  # configs imports this module
-            self._dominant_bits = dominant_bits(rows)
+        self._int_group_gcd = gcd
+        from mxserve_kernels._common.configs import dominant_bits  # configs imports this module
+        self._dominant_bits = dominant_bits((r[F_KIND], r[F_BITS]) for r in rows)
 
     @property
     def kinds_mask(self) -> int:

@@ -5,13 +5,12 @@ kernel for all experts of the projection (``grouped_gemm_kernels.grouped_gemm_ke
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 
-from mxserve_kernels._common.layout import (F_BITS, F_GROUP, F_KIND, F_WOFF, KIND_BF16, KIND_INT, KIND_NONE, NFIELDS,
-                                            OFF_UNIT, PackedWeights)
+from mxserve_kernels._common.layout import (F_BITS, F_KIND, F_WOFF, KIND_BF16, KIND_NONE, NFIELDS, OFF_UNIT,
+                                            PackedWeights)
 from mxserve_kernels.moe.routing import Route
 
 try:  # importable without Triton; the op then raises a clear error when called
@@ -96,25 +95,11 @@ def gscale_step_rows(bits: int, block_k: int) -> int:
 
 
 def _int_groups(w: PackedWeights) -> dict[int, int] | None:
-    """{bits: gcd of the group sizes of the plain int experts of that width} for ``GSCALE_KINDS``, read from einfo
-    once and cached on ``w`` (``_gscale_groups``); None where einfo cannot be read without a host sync inside a forward
-    (explicit ``kinds``, fake tensors, torch.compile tracing, CUDA-graph capture before the first read)."""
-    cached = getattr(w, "_gscale_groups", None)
-    if cached is not None:
-        return cached
-    if getattr(w, "kinds", None) is not None:
-        return None
-    try:
-        if torch.compiler.is_compiling() or (w.einfo.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return None
-        groups: dict[int, int] = {}
-        for row in w.einfo.cpu().tolist():
-            if row[F_KIND] == KIND_INT and row[F_BITS] in GSCALE_KINDS:
-                groups[row[F_BITS]] = math.gcd(groups.get(row[F_BITS], 0), int(row[F_GROUP]))
-    except Exception:  # fake / meta tensors
-        return None
-    w._gscale_groups = groups
-    return groups
+    """{bits: gcd of the group sizes of the plain int experts of that width} for ``GSCALE_KINDS``, as computed when
+    ``w`` was built (``PackedWeights._int_group_gcd``); None where einfo was not read (explicit ``kinds``, fake
+    tensors)."""
+    gcd = getattr(w, "_int_group_gcd", None)
+    return None if gcd is None else {b: g for b, g in gcd.items() if b in GSCALE_KINDS}
 
 
 def gscale_mask(w: PackedWeights | None, cfg: dict[str, int]) -> int:
