@@ -14,8 +14,8 @@
 #   layerbench  python -m mxserve.scheduler.layer_bench: 48 offloaded layers without vLLM, per-step host split and
 #             compiles during timed steps (0 expected; ~3 min)                                          issue 7
 #   parallel  TP2 / EP vs 1 GPU (nvidia-h200-x2; mnnvl allreduce fusion now off; ~9 min)              issue 5
-#   gpu-tests the session-5 GPU tests that timed out: SWAP/ASM MoE, every KV decode path, the slot pool under
-#             the host-einfo path (no vLLM; ~8 min)                                                     issues 4, 6, 7
+#   gpu-tests the session-5 GPU tests that timed out, PART=moe (SWAP / ASM / GSCALE), PART=kv (every KV decode
+#             path), PART=slot (the slot pool under the host-einfo path); no vLLM; one call each        issues 4, 6, 7
 #   tune-bits per-precision decode configs: --kinds w2,mix25 at T=1,4 then 16,64 (one call each), then
 #             bench_moe vs vLLM peers (configs come back as $OUT/configs.tar: untar into
 #             mxserve_kernels/moe/configs and commit after each call)                                   issue 4
@@ -45,10 +45,15 @@ case $step in
     OUT=$OUT VARIANTS=${VARIANTS:-mxmoe_w4_off25} bash .ci/gpu/offload_e2e.sh ;;
   layerbench)
     timeout 300 python3 -m mxserve.scheduler.layer_bench --json "$OUT/offload_layer_bench.json" --budgets 0.25,1.0 ;;
-  gpu-tests)
-    MXSERVE_TEST_JSON=$OUT/gpu_tests.json timeout 560 python3 -m pytest -q -m gpu -rfE \
-      tests/kernels/test_moe_kernels_gpu.py tests/kernels/test_attention_kv.py tests/kernels/test_offload_slot_moe.py \
-      -k "swap or asm or path or slot" 2>&1 | tail -40 ;;
+  gpu-tests)  # PART=moe | kv | slot, one call each (session 5: 20 MoE tests took > 210 s, 10 KV tests 230 s: compiles)
+    case ${PART:-moe} in
+      moe)  files=tests/kernels/test_moe_kernels_gpu.py; sel="swap or asm or gscale" ;;
+      kv)   files=tests/kernels/test_attention_kv.py; sel="path or store" ;;
+      slot) files=tests/kernels/test_offload_slot_moe.py; sel="slot or kinds" ;;
+      *) echo "PART must be moe, kv or slot" >&2; exit 2 ;;
+    esac
+    MXSERVE_TEST_JSON=$OUT/gpu_tests_${PART:-moe}.json timeout 560 python3 -m pytest -q -m gpu -rfE --durations=10 \
+      $files -k "$sel" 2>&1 | tail -40 ;;
   tune-bits)
     python3 -m mxserve_kernels.bench.tune_moe --models qwen3-30b-a3b --kinds w2,mix25 --tokens "${TOKENS:-1,4}" --quick \
       --no-cost --archive "$OUT/configs.tar" 2>&1 | grep -v "^  skip" | tee "$OUT/tune_bits.log" ;;
