@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from mxserve_kernels._common.fit import launch_fitting
 from mxserve_kernels._common.layout import (F_BITS, F_KIND, F_WOFF, KIND_BF16, KIND_NONE, NFIELDS, OFF_UNIT,
                                             PackedWeights)
 from mxserve_kernels.moe.routing import Route
@@ -39,31 +40,51 @@ def grouped_gemm_op(x: torch.Tensor, qw: torch.Tensor, pw: torch.Tensor, meta: t
     """Raw op (tensors and ints only, for torch.compile / CUDA graphs); use ``grouped_gemm`` instead."""
     if not HAS_TRITON:
         raise RuntimeError("mxserve::grouped_gemm needs Triton; use mxserve_kernels.moe.reference on this machine")
-    block_m, block_n, block_k, num_warps, num_stages = cfg[:5]
-    fma = bool(cfg[5]) if len(cfg) > 5 else False
     k_split, splits = _split_k(k, cfg[6] if len(cfg) > 6 else 1)
-    kt = bool(cfg[7]) if len(cfg) > 7 else False
-    asm = bool(cfg[8]) if len(cfg) > 8 else False
-    swap = bool(cfg[9]) if len(cfg) > 9 else False
-    gscale = int(cfg[10]) if len(cfg) > 10 else 0  # kind_bit mask (launcher-checked, see gscale_mask)
     alloc = torch.zeros if zero_init else torch.empty
     out = alloc((out_rows, n), dtype=x.dtype, device=x.device)
     # split-K: fp32 partials [splits, rows, n (x2 for gate|up)], then one reduce launch (activation after the sum)
     dst = out if splits == 1 else alloc((splits, out_rows, 2 * n if mode == 1 else n), dtype=torch.float32,
                                         device=x.device)
-    m_blocks = triton.cdiv(num_valid, block_m) if dense else block_expert.numel()
-    grid = (m_blocks, triton.cdiv(n, block_n), splits)
-    _kernels.grouped_gemm_kernel[grid](
-        x, dst, qw, pw, meta, wbf, einfo, sorted_ids, block_expert, num_post, topk_w,
-        n, k, wcols, n_up, x.stride(0), dst.stride(-2), a_div, num_valid, k_split, dst.stride(0),
-        MODE=mode, DENSE=dense, NFIELDS=NFIELDS, IS_FP32=x.dtype == torch.float32 or not x.is_cuda, KINDS=kinds,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FMA=fma, SPLIT_K=splits, KT=kt, ASM=asm, SWAP=swap,
-        GSCALE=gscale if swap and not fma and not kt else 0, num_warps=num_warps,
-        num_stages=num_stages)
+
+    def launch(c: list[int]) -> None:
+        block_m, block_n, block_k, num_warps, num_stages = c[:5]
+        swap = bool(c[9]) if len(c) > 9 else False
+        fma, kt = (bool(c[5]) if len(c) > 5 else False), (bool(c[7]) if len(c) > 7 else False)
+        m_blocks = triton.cdiv(num_valid, block_m) if dense else block_expert.numel()
+        grid = (m_blocks, triton.cdiv(n, block_n), splits)
+        _kernels.grouped_gemm_kernel[grid](
+            x, dst, qw, pw, meta, wbf, einfo, sorted_ids, block_expert, num_post, topk_w,
+            n, k, wcols, n_up, x.stride(0), dst.stride(-2), a_div, num_valid, k_split, dst.stride(0),
+            MODE=mode, DENSE=dense, NFIELDS=NFIELDS, IS_FP32=x.dtype == torch.float32 or not x.is_cuda, KINDS=kinds,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FMA=fma, SPLIT_K=splits, KT=kt,
+            ASM=bool(c[8]) if len(c) > 8 else False, SWAP=swap,
+            GSCALE=(int(c[10]) if len(c) > 10 else 0) if swap and not fma and not kt else 0,
+            num_warps=num_warps, num_stages=num_stages)
+
+    launch_fitting(launch, list(cfg), ("grouped_gemm", mode, dense, kinds, n, k, x.dtype, x.device.index),
+                   smaller_configs)
     if splits > 1 and out.numel():
         block = 1024
         _kernels.splitk_reduce_kernel[(triton.cdiv(out.numel(), block),)](
             dst, out, out.numel(), n, dst.stride(0), SPLITS=splits, MODE=mode, BLOCK=block, num_warps=4)
+    return out
+
+
+def smaller_configs(cfg: list[int]) -> list[list[int]]:
+    """Configs tried in order when ``cfg`` (a ``_cfg_list``) needs more shared memory than the device has: fewer
+    pipeline stages; then (SWAP configs) the per-slot loop without SWAP / GSCALE at the original stages and fewer;
+    then BLOCK_N halved down to 16 (no SWAP). BLOCK_M (the route's tiles), BLOCK_K, warps and SPLIT_K stay."""
+    base = list(cfg)
+    stages = base[4]
+    out = [base[:4] + [s] + base[5:] for s in range(stages - 1, 0, -1)]
+    plain = base[:9] + [0, 0] if len(base) > 9 and base[9] else base
+    if plain is not base:
+        out += [plain[:4] + [s] + plain[5:] for s in range(stages, 0, -1)]
+    bn = base[1] // 2
+    while bn >= 16:
+        out += [plain[:1] + [bn] + plain[2:4] + [s] + plain[5:] for s in range(stages, 0, -1)]
+        bn //= 2
     return out
 
 
