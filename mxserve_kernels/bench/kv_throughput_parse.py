@@ -11,10 +11,21 @@ line), ``kv_cache_tokens`` (its "GPU KV cache size: N tokens" line), ``max_concu
 succeed ``log_tail``, ``first_error`` (the engine core's first traceback / OOM / error line with 40 lines of
 context, vLLM's process/level prefixes stripped) and ``root_cause`` (that block's exception line). ``ratios`` divide each
 ``mxmoe*`` variant's output tok/s and KV capacity by those of ``auto`` (bf16 KV) and ``int4_per_token_head``.
+
+Timeline (every variant): ``init_s`` = vLLM's own "init engine (...) took X s"; with the script's clock trailer
+``kv_throughput: start=MM-DD HH:MM:SS end=MM-DD HH:MM:SS`` also ``init_done_at_s`` (the init line's timestamp minus
+start) and ``ended_at_s``. A timed-out variant gets ``timeout_phase`` (startup / engine_init / after_init) and
+``timeout_detail``, e.g. "timeout after engine init at 90 s (killed at 110 s, 20 s after init); last progress: none
+after init (prompts not rendered yet)", plus ``last_progress`` (the last tqdm segment: Rendering / Processed prompts,
+Capturing CUDA graphs) and ``last_stats`` (the last "Engine 000: Avg prompt throughput" line): slow vs stuck.
+
+``--merge A.json B.json --json OUT`` joins the JSONs of several calls (a later file's variant replaces an earlier
+one of the same name) and recomputes the ratios, for runs split over device calls.
 """
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
 import os
 import re
@@ -32,6 +43,15 @@ _PREFIX = re.compile(r"^(?:\([A-Za-z_]\w*(?: pid=\d+)?\) ?)?(?:(?:DEBUG|INFO|WAR
 _OOM = re.compile(r"CUDA out of memory|OutOfMemoryError|out of memory", re.I)
 _EXC_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)\b(?::.*)?$")
 _ERROR_WORD = re.compile(r"\b\w*Error\b")
+_STAMP = r"(\d\d-\d\d \d\d:\d\d:\d\d)"
+_CLOCK = re.compile(r"^kv_throughput: start=" + _STAMP + r" end=" + _STAMP + r"\s*$", re.M)
+_INIT_DONE = re.compile(_STAMP + r"(?:\.\d+)?\s+\[[^\]]*\]\s+init engine \(profile, create kv cache, warmup model\) "
+                        r"took\s+([\d.]+)\s*s")
+_STATS = re.compile(r"Engine \d+: Avg prompt throughput[^\r\n]*")
+_ANY_STAMP = re.compile(r"(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+" + _STAMP)
+# one tqdm bar state: "Processed prompts:  2%|...| 1/64 [00:10<10:43, 10.21s/it, est. speed ...]"
+_BAR = re.compile(r"(?:Processed prompts|Rendering prompts|Adding requests|Capturing CUDA graphs[^:\r\n]*):\s*\d+%\|"
+                  r"[^|\r\n]*\|\s*[\d?]+/[\d?]+\s*\[[^\]\r\n]*\]|Warming up with \d+ requests")
 BASELINES = ("auto", "int4_per_token_head")
 ERROR_CONTEXT = 40
 
@@ -89,6 +109,67 @@ def parse_log(text: str) -> dict:
     return out
 
 
+def _stamp_s(stamp: str) -> float:
+    """Seconds of a vLLM log stamp ``MM-DD HH:MM:SS`` (no year: a leap year so 02-29 parses)."""
+    return _dt.datetime.strptime("2000-" + stamp, "%Y-%m-%d %H:%M:%S").timestamp()
+
+
+def _last_progress(text: str) -> str | None:
+    """Last tqdm bar state (bars redraw with carriage returns, ``_BAR``) or "Warming up with N requests"."""
+    hits = list(_BAR.finditer(text))
+    return hits[-1].group(0).strip() if hits else None
+
+
+def timeline(text: str) -> dict:
+    """When a run got where: engine init and the last progress, for slow vs stuck (see the module docstring).
+    Without the clock trailer, times count from the log's first stamped line (``clock`` says which).
+
+    Returns:
+        dict with any of init_s, init_done_at_s, ended_at_s (float s), clock ("process start" / "first log
+        line"), last_progress, last_stats (str), and timeout_phase ("startup" / "engine_init" / "after_init")
+        with timeout_detail (str).
+    """
+    out: dict = {}
+    init = _INIT_DONE.search(text)
+    clock = _CLOCK.findall(text)
+    first = _ANY_STAMP.search(text)
+    start = None
+    if clock:
+        start = _stamp_s(clock[-1][0])
+        out["clock"] = "process start"
+        out["ended_at_s"] = round(_stamp_s(clock[-1][1]) - start, 1)
+    elif first:
+        start = _stamp_s(first.group(1))
+        out["clock"] = "first log line"
+    if init:
+        out["init_s"] = float(init.group(2))
+        if start is not None:
+            out["init_done_at_s"] = round(_stamp_s(init.group(1)) - start, 1)
+    after = text[init.end():] if init else text
+    prog = _last_progress(after)
+    stats = _STATS.findall(after)
+    if prog:
+        out["last_progress"] = prog
+    if stats:
+        out["last_stats"] = stats[-1].strip()[:300]
+    since = "" if out.get("clock") != "first log line" else " after the first log line"
+    if init:
+        out["timeout_phase"] = "after_init"
+        at = f" at {out['init_done_at_s']:.0f} s{since}" if "init_done_at_s" in out else ""
+        killed = (f" (killed at {out['ended_at_s']:.0f} s, {out['ended_at_s'] - out['init_done_at_s']:.0f} s after "
+                  f"init)" if "init_done_at_s" in out and "ended_at_s" in out else "")
+        last = prog or "none after init (prompts not rendered yet)"
+        out["timeout_detail"] = (f"timeout after engine init{at}{killed}, vLLM init {out['init_s']:.0f} s; "
+                                 f"last progress: {last}" + (f"; last stats: {out['last_stats']}" if stats else ""))
+    elif "(EngineCore" in text:
+        out["timeout_phase"] = "engine_init"
+        out["timeout_detail"] = f"timeout during engine init; last progress: {prog or 'none'}"
+    else:
+        out["timeout_phase"] = "startup"
+        out["timeout_detail"] = "timeout before the engine core started"
+    return out
+
+
 def variant_entry(log_path: str, rc_path: str, tail_lines: int = 40) -> dict:
     """Entry of one variant from its log and exit-status files (see the module docstring)."""
     text = ""
@@ -110,6 +191,10 @@ def variant_entry(log_path: str, rc_path: str, tail_lines: int = 40) -> dict:
     entry = {"rc": rc, **parse_log(text)}
     ok = rc == 0 and "output_tok_s" in entry
     entry["status"] = "ok" if ok else ("timeout" if rc in (124, 137) else "failed")
+    tl = timeline(text)
+    if entry["status"] != "timeout":
+        tl = {k: x for k, x in tl.items() if not k.startswith("timeout_")}
+    entry.update(tl)
     if not ok:
         entry.update(first_error(text))
         entry["log_tail"] = "\n".join(x for x in text.splitlines()[-tail_lines:] if not _RC_TRAILER.match(x))
@@ -137,6 +222,21 @@ def build(logs: str, variants: list[str], meta: dict | None = None) -> dict:
     return {"meta": meta or {}, "variants": entries, "ratios": ratios(entries)}
 
 
+def merge(results: list[dict]) -> dict:
+    """Join several ``build`` results (later variants replace earlier ones of the same name); ratios recomputed.
+
+    Returns:
+        {"meta": {"merged": [each input's meta]}, "variants": ..., "ratios": ...}.
+    """
+    entries: dict = {}
+    for r in results:
+        if not isinstance(r, dict) or not isinstance(r.get("variants"), dict):
+            raise ValueError("merge: every input needs a 'variants' object (a kv_throughput.json)")
+        entries.update(r["variants"])
+    return {"meta": {"merged": [r.get("meta", {}) for r in results]}, "variants": entries,
+            "ratios": ratios(entries)}
+
+
 def write_json(path: str, obj: dict) -> None:
     """Atomic JSON write (temp file then rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -148,17 +248,28 @@ def write_json(path: str, obj: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--logs", required=True, help="directory with NAME.log and NAME.rc per variant")
-    ap.add_argument("--variants", required=True, help="comma list of variant names")
+    ap.add_argument("--logs", help="directory with NAME.log and NAME.rc per variant")
+    ap.add_argument("--variants", help="comma list of variant names")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="join these kv_throughput.json files instead")
     ap.add_argument("--json", required=True, help="output JSON path (written atomically)")
     ap.add_argument("--meta", default="{}", help="JSON object stored under 'meta'")
     args = ap.parse_args(argv)
-    res = build(args.logs, [v for v in args.variants.split(",") if v], json.loads(args.meta))
+    if args.merge:
+        loaded = []
+        for path in args.merge:
+            with open(path) as f:
+                loaded.append(json.load(f))
+        res = merge(loaded)
+    elif args.logs and args.variants:
+        res = build(args.logs, [v for v in args.variants.split(",") if v], json.loads(args.meta))
+    else:
+        ap.error("give --logs and --variants, or --merge")
     write_json(args.json, res)
     for name, e in res["variants"].items():
         print(f"{name:24s} {e['status']:8s} output tok/s {e.get('output_tok_s', '-')!s:>10s}  "
               f"KV tokens {e.get('kv_cache_tokens', '-')!s:>12s}"
-              + (f"  cause: {e['root_cause'][:160]}" if e.get("root_cause") else ""))
+              + (f"  cause: {e['root_cause'][:160]}" if e.get("root_cause") else "")
+              + (f"  {e['timeout_detail'][:200]}" if e.get("timeout_detail") else ""))
     for name, r in res["ratios"].items():
         print(name, r)
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mxserve_kernels.bench import kv_throughput_parse as P
 
 
@@ -113,3 +115,81 @@ def test_trailer_wins_over_stale_rc_file(tmp_path):
     (tmp_path / "x.log").write_text(_log(1.0, 9000.0, 400.0, 1000) + "\nkv_throughput: rc=0\n")
     (tmp_path / "x.rc").write_text("1")
     assert P.variant_entry(str(tmp_path / "x.log"), str(tmp_path / "x.rc"))["status"] == "ok"
+
+
+_INIT = ("(EngineCore pid=2046) INFO 11-22 14:43:27 [core.py:340] init engine (profile, create kv cache, warmup model) "
+         "took 55.00 s (compilation: 15.85 s)")
+
+
+def _timed_out(after_init: list[str], start: str = "11-22 14:41:57", end: str = "11-22 14:43:47") -> str:
+    """A bench log cut by ``timeout`` (rc 124) with the script's clock trailer, as session 6's K2V1.5 run."""
+    return "\n".join([
+        "INFO 11-22 14:41:59 [utils.py:90] Sampling input_len from [8192, 8192] and output_len from [256, 256]",
+        "(EngineCore pid=2046) INFO 11-22 14:43:08 [kv_cache_utils.py:2177] GPU KV cache size: 114,210,608 tokens",
+        "(EngineCore pid=2046) Capturing CUDA graphs (decode, FULL):  96%|#########6| 49/51 [00:06<00:00,  4.06it/s]"
+        "\rCapturing CUDA graphs (decode, FULL): 100%|##########| 51/51 [00:06<00:00,  7.34it/s]",
+        _INIT, *after_init,
+        "/usr/lib/python3.12/multiprocessing/resource_tracker.py:254: UserWarning: resource_tracker: leaked",
+        f"kv_throughput: start={start} end={end}", "kv_throughput: rc=124"])
+
+
+def test_timeout_after_init_without_progress_says_when(tmp_path):
+    (tmp_path / "k.log").write_text(_timed_out([]))
+    e = P.variant_entry(str(tmp_path / "k.log"), str(tmp_path / "k.rc"))
+    assert e["status"] == "timeout" and e["timeout_phase"] == "after_init" and e["clock"] == "process start"
+    assert (e["init_s"], e["init_done_at_s"], e["ended_at_s"]) == (55.0, 90.0, 110.0)
+    assert e["timeout_detail"].startswith("timeout after engine init at 90 s (killed at 110 s, 20 s after init)")
+    assert "prompts not rendered yet" in e["timeout_detail"] and "last_progress" not in e  # graph bars were before
+
+
+def test_timeout_after_init_reports_last_bar_and_stats(tmp_path):
+    bars = ("Rendering prompts: 100%|##########| 64/64 [00:00<00:00, 80.68it/s]\rProcessed prompts:   0%|          "
+            "| 0/64 [00:00<?, ?it/s, est. speed input: 0.00 toks/s, output: 0.00 toks/s]")
+    stats = ("INFO 11-22 14:43:40 [loggers.py:310] Engine 000: Avg prompt throughput: 16384.0 tokens/s, Avg generation "
+             "throughput: 3.2 tokens/s, Running: 4 reqs, Waiting: 60 reqs, GPU KV cache usage: 0.1%")
+    (tmp_path / "k.log").write_text(_timed_out([bars, stats, "Processed prompts:   2%|2         | 1/64 [00:12<10:43,"
+                                                " 10.21s/it, est. speed input: 1.00 toks/s, output: 0.10 toks/s]"]))
+    e = P.variant_entry(str(tmp_path / "k.log"), str(tmp_path / "k.rc"))
+    assert e["last_progress"].startswith("Processed prompts:   2%") and e["last_progress"].endswith("0.10 toks/s]")
+    assert e["last_stats"].startswith("Engine 000: Avg prompt throughput: 16384.0") and "Waiting: 60" in e["last_stats"]
+    assert "last progress: Processed prompts:   2%" in e["timeout_detail"] and "last stats: Engine 000" in e["timeout_detail"]
+
+
+def test_timeout_phases_before_init_and_first_line_clock(tmp_path):
+    log = _timed_out([]).replace(_INIT + "\n", "")
+    (tmp_path / "a.log").write_text(log)
+    e = P.variant_entry(str(tmp_path / "a.log"), "")
+    assert e["timeout_phase"] == "engine_init" and "init_s" not in e
+    assert e["timeout_detail"].endswith("Capturing CUDA graphs (decode, FULL): 100%|##########| 51/51 [00:06<00:00,  "
+                                        "7.34it/s]")
+    (tmp_path / "b.log").write_text("INFO 11-22 14:00:00 [utils.py:90] Sampling\nkv_throughput: rc=124\n")
+    assert P.variant_entry(str(tmp_path / "b.log"), "")["timeout_phase"] == "startup"
+    no_clock = "\n".join(x for x in _timed_out([]).splitlines() if "start=" not in x)  # a session-5/6 log
+    (tmp_path / "c.log").write_text(no_clock)
+    e = P.variant_entry(str(tmp_path / "c.log"), "")
+    assert e["clock"] == "first log line" and e["init_done_at_s"] == 88.0 and "ended_at_s" not in e
+    assert "at 88 s after the first log line" in e["timeout_detail"]
+
+
+def test_ok_and_failed_runs_carry_no_timeout_fields(tmp_path):
+    (tmp_path / "x.log").write_text(_INIT + "\n" + _log(1.0, 9000.0, 400.0, 1000) + "\nkv_throughput: rc=0\n")
+    e = P.variant_entry(str(tmp_path / "x.log"), "")
+    assert e["status"] == "ok" and e["init_s"] == 55.0 and not any(k.startswith("timeout") for k in e)
+
+
+def test_merge_joins_calls_and_recomputes_ratios(tmp_path):
+    one = {"meta": {"call": 1}, "variants": {"auto": {"status": "ok", "output_tok_s": 400.0, "kv_cache_tokens": 10},
+                                             "mxmoe-K2V1.5": {"status": "timeout"}}, "ratios": {}}
+    two = {"meta": {"call": 2}, "variants": {"mxmoe-K2V1.5": {"status": "ok", "output_tok_s": 500.0,
+                                                              "kv_cache_tokens": 73}}, "ratios": {}}
+    paths = []
+    for i, obj in enumerate((one, two)):
+        paths.append(str(tmp_path / f"{i}.json"))
+        (tmp_path / f"{i}.json").write_text(json.dumps(obj))
+    out = tmp_path / "m.json"
+    P.main(["--merge", *paths, "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert res["meta"] == {"merged": [{"call": 1}, {"call": 2}]}
+    assert res["ratios"]["mxmoe-K2V1.5"] == {"output_tok_s_vs_auto": 1.25, "kv_tokens_vs_auto": 7.3}
+    with pytest.raises(ValueError, match="variants"):
+        P.merge([{"meta": {}}])
