@@ -221,7 +221,7 @@ def main(argv=None) -> int:
         knobs.runtime.jit_post_compile_hook = lambda **kw: compiles.append(getattr(kw.get("fn"), "name", "?"))
     gbps = pinned_bandwidth(int(a.pinned_gib * 2**30), device=a.device)
     out = {"layers": L, "geometry": geo, "on_miss": a.on_miss, "pinned_gbps": gbps, "rows": [], "skipped": [],
-           "build": []}
+           "failed": [], "build": []}
     traces: dict = {}          # (routing index, phase, T) -> (topk, pred): the same decisions for every budget
     cases = [(ri, "decode", B) for ri in range(len(routings)) for B in batches]
     cases += [(ri, "prefill", a.prefill_tokens) for ri in range(len(routings)) if a.prefill_tokens > 0]
@@ -255,8 +255,16 @@ def main(argv=None) -> int:
                 print(f"[layer_bench] skip {phase} {routing_label(r)} budget {frac} B={T}: {need} routed experts "
                       f"in one layer > {rt.cache.S} slots", flush=True)
                 continue
-            row = {"budget_fraction": frac, "slots": rt.cache.S, "routing": r, "phase": phase,
-                   **run_row(rt, geo, *traces[ri, phase, T], warm_steps, dev, compiles)}
+            try:
+                timed = run_row(rt, geo, *traces[ri, phase, T], warm_steps, dev, compiles)
+            except Exception as e:      # e.g. a kernel that fails to compile: keep the rows that ran, go on
+                out["failed"].append({"budget_fraction": frac, "routing": r, "phase": phase, "tokens": T,
+                                      "error": f"{type(e).__name__}: {e}"[:2000]})
+                write_json_atomic(a.json, out)
+                print(f"[layer_bench] FAILED {phase} {routing_label(r)} budget {frac} B={T}: {type(e).__name__}: "
+                      f"{str(e)[:300]}", flush=True)
+                continue
+            row = {"budget_fraction": frac, "slots": rt.cache.S, "routing": r, "phase": phase, **timed}
             row["h2d_bound_ms"] = row["h2d_mb_per_step"] / 1e3 / gbps * 1e3
             row["h2d_vs_pinned"] = row["h2d_gbps"] / gbps
             out["rows"].append(row)
@@ -269,10 +277,10 @@ def main(argv=None) -> int:
     out["total_s"] = time.perf_counter() - t_start
     write_json_atomic(a.json, out)
     print(f"[layer_bench] summary ({out['total_s']:.0f} s, pinned {gbps:.1f} GB/s, {len(out['skipped'])} rows "
-          "skipped):", flush=True)
+          f"skipped, {len(out['failed'])} failed):", flush=True)
     for row in out["rows"]:
         print(f"[layer_bench]   {summary_line(row)}", flush=True)
-    return 0
+    return 1 if out["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ def test_default_routings_rows_and_fields(full):
     labels = {"uniform", layer_bench.routing_label(layer_bench.parse_routing("synth"))}
     want = {(lab, ph, t, b) for lab in labels for ph, t in (("decode", 1), ("decode", 32), ("prefill", 64))
             for b in (0.5, 1.0)}
-    assert sorted(_key(r) for r in full["rows"]) == sorted(want) and full["skipped"] == []
+    assert sorted(_key(r) for r in full["rows"]) == sorted(want)
+    assert full["skipped"] == [] and full["failed"] == [] and len(full["build"]) == 2
     gbps = full["pinned_gbps"]
     assert gbps > 0
     ref = {_key(r)[:3]: r for r in full["rows"] if r["budget_fraction"] == 1.0}
@@ -120,3 +121,12 @@ def test_synth_lookahead_passes_the_trace_prediction(tmp_path, monkeypatch):
         else:
             assert nxt is None
     assert not np.array_equal(tr.pred, tr.topk)        # pred_acc 0.5: the prediction is not the routing itself
+
+
+def test_max_seconds_skips_rows_instead_of_running(tmp_path):
+    d = _run(tmp_path, "s.json", BASE + ["--max-seconds", "0", "--batches", "1,8", "--budgets", "0.5,1.0"])
+    assert d["rows"] == [] and d["build"] == []
+    assert sorted((s["routing"]["name"], s["phase"], s["tokens"], s["budget_fraction"]) for s in d["skipped"]) == \
+        sorted((n, ph, t, b) for n in ("synth", "uniform") for ph, t in (("decode", 1), ("decode", 8),
+                                                                         ("prefill", 2048)) for b in (0.5, 1.0))
+    assert {s["reason"] for s in d["skipped"]} == {"--max-seconds"}
