@@ -1,6 +1,7 @@
 """Offloaded MoE layers without vLLM, timed per decode step: ``python -m mxserve.scheduler.layer_bench --json
-$OUT/offload_layer_bench.json`` (H200, default run <= ~240 s: ``--layers 48 --batches 1,8,32 --budgets 1.0,0.25``,
-routings uniform and synth, + one 2048-token prefill row per budget and routing).
+$OUT/offload_layer_bench.json`` (H200; defaults ``--layers 48 --batches 1,8,32 --budgets 1.0,0.25``, routings
+uniform and synth, + one 2048-token prefill row per budget and routing; meant to fit ~240 s, not yet timed on the
+GPU: ``--max-seconds`` 220 stops starting rows, which are then listed under ``skipped``).
 
 What ``OffloadMoEMethod.apply`` does per MoE layer, ``--layers`` times per step, on the Qwen3-30B-A3B expert geometry
 (E=128, top-8, H=2048, I=768, int2 nested4 planes; arena contents are uninitialised: timing only): look-ahead
