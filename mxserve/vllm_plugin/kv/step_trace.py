@@ -173,15 +173,15 @@ def trace(num_reqs: int = 64, prompt_len: int = 8201, out_len: int = 256, budget
         kv_store.kv_store_kernel = _Recorder(launches, "kv_store")
         decode.paged_decode_kernel = _Recorder(launches, "paged_decode")
         decode.merge_kernel = _Recorder(launches, "merge")
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    torch.manual_seed(seed)
     rows = []
     try:
         for step in schedule(num_reqs, prompt_len, out_len, budget):
             cam = _metadata(step, page, max_pages, dev)
             t = cam.num_actual_tokens
-            q = torch.randn(t, hq * d, generator=gen).to(dev, dtype)
-            k = torch.randn(t, h * d, generator=gen).to(dev, dtype)
-            v = torch.randn(t, h * d, generator=gen).to(dev, dtype)
+            q = torch.randn(t, hq * d, device=dev, dtype=dtype)  # on the device: 16k x 4096 per step
+            k = torch.randn(t, h * d, device=dev, dtype=dtype)
+            v = torch.randn(t, h * d, device=dev, dtype=dtype)
             before = dict(launches)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
