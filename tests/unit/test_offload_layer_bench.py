@@ -13,7 +13,8 @@ from mxserve.scheduler import layer_bench
 def test_layer_bench_cpu_smoke(tmp_path):
     out = tmp_path / "lb.json"
     assert layer_bench.main(["--json", str(out), "--layers", "2", "--batches", "1,2", "--budgets", "0.25",
-                             "--steps", "1", "--device", "cpu", "--pinned-gib", "0.01"]) == 0
+                             "--steps", "1", "--device", "cpu", "--pinned-gib", "0.01", "--routing", "uniform",
+                             "--prefill-tokens", "0"]) == 0
     d = json.loads(out.read_text())
     assert d["layers"] == 2 and d["pinned_gbps"] > 0 and [r["tokens"] for r in d["rows"]] == [1, 2]
     for r in d["rows"]:
