@@ -79,6 +79,13 @@ def _check_path(path: str, fmt: KVSlotFormat, q: torch.Tensor) -> None:
                          f"q, got {q.dtype} on {q.device}")
 
 
+def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The kernel indexes fp_v with fp_k's strides: they must agree on every dim of size > 1 (a size-1 dim is only
+    indexed at 0, and torch keeps any stride there: ``x[:1].contiguous()`` of a row of a fused qkv buffer returns
+    the view itself, so one decode token's k and v rows differ in stride(0) -- session 6, vLLM, B = 1 step)."""
+    return a.shape == b.shape and all(n <= 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
 def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, pk_lo: torch.Tensor,
                            pk_hi: torch.Tensor, fp_k: torch.Tensor, fp_v: torch.Tensor, fp_len: torch.Tensor,
                            fmt: KVSlotFormat, scale: float, k_perm: torch.Tensor | None = None,
@@ -113,8 +120,9 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: to
             out.copy_(res)
             return out
         return res
-    if fp_k.stride(-1) != 1 or fp_v.stride() != fp_k.stride() or q.stride(-1) != 1:
-        raise ValueError("paged_decode_attention: q / fp_k / fp_v need a contiguous last dim and equal fp strides")
+    if fp_k.stride(-1) != 1 or not _same_strides(fp_k, fp_v) or q.stride(-1) != 1:
+        raise ValueError(f"paged_decode_attention: q / fp_k / fp_v need a contiguous last dim and equal fp strides "
+                         f"(q {q.stride()}, fp_k {fp_k.stride()}, fp_v {fp_v.stride()})")
     path = path if path is not None else default_path(fmt, q.dtype, q.is_cuda)
     _check_path(path, fmt, q)
     if block_n is None:

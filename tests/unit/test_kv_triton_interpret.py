@@ -14,7 +14,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-CASES = ["store", "decode", "decode_d48", "decode_raw", "prefill"]
+CASES = ["store", "decode", "decode_d48", "decode_raw", "prefill", "decode_one_token_views"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -164,7 +164,46 @@ def _case_prefill():
     print("OK prefill")
 
 
+def _case_decode_one_token_views():
+    """One decode token: k after Qwen3's k-norm (its own [T, H, D] buffer), v a slice of the fused
+    [T, (Hq + 2H) * D] qkv buffer, each made ``.contiguous()`` as the vLLM backend does: torch returns the views themselves (a size-1 dim's stride is
+    ignored), so fp_k and fp_v differ in stride(0). Session 6: this raised "equal fp strides" in the first vLLM
+    step with a single decode request. The result must equal the reference on copies."""
+    import torch
+    from mxserve_kernels.attention import decode, reference as R
+    from mxserve_kernels.attention.kv_format import KVSlotFormat
+    from tests.tolerances import ATTENTION
+    name, d, kb, vb, kg, vg = FORMATS[0]
+    fmt = KVSlotFormat(d, k_bits=kb, v_bits=vb, k_group=kg, v_group=vg)
+    h, hq, p, n = 2, 4, 4, 11
+    torch.manual_seed(5)
+    pages = torch.tensor([[3, 0, 2]], dtype=torch.int32)
+    cache = torch.zeros(5, p, h, fmt.slot_bytes, dtype=torch.uint8)
+    pos = torch.arange(n)
+    R.store_kv(cache, torch.randn(n, h, d), torch.randn(n, h, d), pages[0][pos // p].long() * p + pos % p, fmt)
+    qkv = torch.randn(3, (hq + 2 * h) * d)
+    q = qkv[:1, : hq * d].view(1, hq, d)
+    k = torch.nn.functional.rms_norm(qkv[:, hq * d: (hq + h) * d].reshape(3, h, d), (d,))  # k-norm: new buffer
+    v = qkv[:, (hq + h) * d:].view(3, h, d)                                                 # v: a qkv slice
+    fk, fv = k[:1].contiguous().unsqueeze(1), v[:1].contiguous().unsqueeze(1)
+    assert fk.stride() != fv.stride(), "the case must reproduce the differing size-1 strides"
+    lo, hi, nf = (torch.tensor([0], dtype=torch.int32), torch.tensor([n], dtype=torch.int32),
+                  torch.ones(1, dtype=torch.int32))
+    ref = R.paged_decode_attention(q.clone(), cache, pages, lo, hi, fk.clone(), fv.clone(), nf, fmt, 0.3)
+    out = decode.paged_decode_attention(q, cache, pages, lo, hi, fk, fv, nf, fmt, 0.3, num_splits=2, block_n=4)
+    torch.testing.assert_close(out, ref, **ATTENTION[torch.float32])
+    bad = torch.randn(1, 2, h, 2 * d)[..., :d]  # strides differ on the size-2 and size-h dims: still an error
+    try:
+        decode.paged_decode_attention(q, cache, pages, lo, hi, torch.randn(1, 2, h, d), bad, nf, fmt, 0.3)
+    except ValueError as e:
+        assert "equal fp strides" in str(e)
+    else:
+        raise AssertionError("different strides on a size-2 dim must raise")
+    print("OK decode_one_token_views")
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     {"store": _case_store, "decode": _case_decode, "decode_d48": lambda: _case_decode([3]),
-     "decode_raw": _case_decode_raw, "prefill": _case_prefill}[sys.argv[1]]()
+     "decode_raw": _case_decode_raw, "prefill": _case_prefill,
+     "decode_one_token_views": _case_decode_one_token_views}[sys.argv[1]]()
