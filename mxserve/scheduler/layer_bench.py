@@ -240,6 +240,9 @@ def main(argv=None) -> int:
         nwarm = warmup.warm_moe(rt.warm_weights(), K, max(batches)) if dev.type == "cuda" else 0
         warm = {"forwards": nwarm, "compiles": len(compiles) - n0, "s": time.perf_counter() - t1}
         out["build"].append({"budget_fraction": frac, "slots": rt.cache.S, "runtime_s": t1 - t0, "warmup": warm})
+        write_json_atomic(a.json, out)   # session 6: a run cut during build/warm-up returned nothing
+        print(f"[layer_bench] budget {frac}: runtime built in {t1 - t0:.1f} s ({rt.cache.S} slots), warm-up "
+              f"{warm['s']:.1f} s ({nwarm} forwards, {warm['compiles']} compiles)", flush=True)
         for ri, phase, T in cases:
             r = routings[ri]
             if time.perf_counter() - t_start > a.max_seconds:
