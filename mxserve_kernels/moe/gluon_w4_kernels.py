@@ -76,9 +76,16 @@ def _load_step(qw_ptr, meta_ptr, qoff, moff, wcols, kgn, step, n_w, w_w, n_r):
 @gluon.jit
 def _a_tile(words, s, z):
     """The ``[BN, 128]`` bf16 A operand (slot-major K: ``k = 16*j + w``) of one step: the 8 slots of every word
-    by the packed-bf16 PTX, joined into K without data movement (asserted)."""
-    sb = gl.convert_layout(s.to(gl.bfloat16)[:, None], WORD_LAYOUT).broadcast_to([BN, STEP_WORDS])
-    zb = gl.convert_layout(z.to(gl.bfloat16)[:, None], WORD_LAYOUT).broadcast_to([BN, STEP_WORDS])
+    by the packed-bf16 PTX, joined into K without data movement (asserted: a compile error for a word layout that
+    is not ``WORD_LAYOUT`` up to register order).
+
+    Args:
+        words: int32 [BN, 16] code words (any layout; the kernel's is WORD_LAYOUT). s, z: [BN] scale / zero in
+            ``SliceLayout(1, words' layout)``.
+    Returns:
+        bf16 [BN, 128] in A_LAYOUT."""
+    sb = s.to(gl.bfloat16)[:, None].broadcast_to([BN, STEP_WORDS])
+    zb = z.to(gl.bfloat16)[:, None].broadcast_to([BN, STEP_WORDS])
     q0, q1, q2, q3, q4, q5, q6, q7 = gl.inline_asm_elementwise(
         asm=_DQ4, constraints="=h," * 8 + "r,h,h", args=[words, sb, zb], dtype=_BF16X8, is_pure=True, pack=1)
     # join: the new (last) dimension is slot bit 0, then bit 1, then bit 2
