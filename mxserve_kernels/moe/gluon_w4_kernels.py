@@ -115,7 +115,8 @@ def gluon_w4_down_kernel(x_ptr, out_ptr, qw_ptr, meta_ptr, einfo_ptr, sorted_ids
                          topk_w_ptr, N, stride_xm, stride_om, num_valid, K: gl.constexpr, NFIELDS: gl.constexpr):
     """Grid (m-blocks of the route, N / 64): ``out[r, n] = topk_w[r] * sum_k W_e[n, k] x[r, k]`` for the BM = 16
     pair rows r of m-block ``pid_m`` (``sorted_ids``; ids >= num_valid are padding) and expert
-    ``e = block_expert[pid_m]``; blocks past ``num_post`` or with e < 0 do nothing.
+    ``e = block_expert[pid_m]``; blocks past ``num_post``, with e < 0 or an expert without weights store nothing
+    (the launcher zero-fills ``out``).
 
     Args:
         x_ptr: bf16 [T*K, K] activations (pair rows). out_ptr: bf16 [T*K, N]. qw_ptr / meta_ptr / einfo_ptr: the
@@ -127,8 +128,9 @@ def gluon_w4_down_kernel(x_ptr, out_ptr, qw_ptr, meta_ptr, einfo_ptr, sorted_ids
     pid_n = gl.program_id(1)
     num_post = gl.load(num_post_ptr)
     e = gl.load(block_expert_ptr + pid_m)
-    if (pid_m * BM < num_post) & (e >= 0):
-        info = einfo_ptr + e * NFIELDS
+    info = einfo_ptr + gl.maximum(e, 0) * NFIELDS
+    kind = gl.load(info)  # layout.KIND_INT = 2; an expert without weights (KIND_NONE) leaves its rows 0
+    if (pid_m * BM < num_post) & (e >= 0) & (kind == 2):
         qoff = gl.load(info + 3) * 16  # layout.OFF_UNIT
         moff = gl.load(info + 5) * 16
         kgn = (K // STEP_K) * N  # scale rows [K/G, N], then zero rows (g = 128)

@@ -125,3 +125,27 @@ def test_wrong_word_layout_is_a_compile_error():
     with pytest.raises(Exception) as err:  # Triton's CompilationError wraps _a_tile's TypeError
         build(bad)
     assert "not trivial" in f"{err.value} {err.value.__cause__}"
+
+
+def test_launcher_rejects_what_the_prototype_does_not_compute():
+    """``check_weights`` names the offending expert (int2, int4 g64) and the shape; int4 g128 and empty experts pass."""
+    import torch
+
+    from mxserve_kernels._common.layout import pack_projection
+    from mxserve_kernels._common.synth import random_canonical
+    from mxserve_kernels.formats import WeightScheme
+    from mxserve_kernels.moe.gluon_w4 import check_weights
+
+    def proj(names, n=64, k=256):
+        g = torch.Generator().manual_seed(0)
+        return pack_projection([(WeightScheme.parse(s), random_canonical(WeightScheme.parse(s), n, k, generator=g))
+                                for s in names], n=n, k=k)
+
+    ok = proj(["int4_g128_asym", "int4_g128_sym"])
+    ok.einfo[1, 0] = 0  # KIND_NONE
+    check_weights(ok)
+    for bad, expert in ((["int4_g128_asym", "int2_g128_asym"], 1), (["int4_g64_asym"], 0)):
+        with pytest.raises(ValueError, match=f"expert {expert} "):
+            check_weights(proj(bad))
+    with pytest.raises(ValueError, match="N % 64"):
+        check_weights(proj(["int4_g128_asym"], n=32))
