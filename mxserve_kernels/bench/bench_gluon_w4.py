@@ -24,7 +24,7 @@ from mxserve_kernels.formats import WeightScheme
 from mxserve_kernels.moe.grouped_gemm import MODE_DOWN, grouped_gemm
 from mxserve_kernels.moe.routing import moe_align
 
-SWAP_CFG = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=3, ASM=1, SWAP=1)
+SWAP_CFG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 4, "num_stages": 3, "ASM": 1, "SWAP": 1}
 
 
 def _tuned_down_cfg(e: int, h: int, i: int, t: int, k: int) -> dict[str, int]:
@@ -57,11 +57,11 @@ def bench_shape(shape: str, tokens: list[int], seed: int = 0) -> list[dict]:
         wbytes = w.weight_bytes(ids.unique().tolist())
         res = {"shape": shape, "T": t, "experts_used": used, "weight_bytes": wbytes, "tuned_cfg": tuned}
         runs = {
-            "gluon_w4": lambda: gluon_w4_down(x, w, route, tw, checked=True),
-            "triton_tuned": lambda: grouped_gemm(x, w, tuned, mode=MODE_DOWN, route=t_route, topk_weights=tw,
-                                                 zero_init=True),
-            "triton_swap_asm": lambda: grouped_gemm(x, w, SWAP_CFG, mode=MODE_DOWN, route=route, topk_weights=tw,
-                                                    zero_init=True),
+            "gluon_w4": lambda x=x, r=route, tw=tw: gluon_w4_down(x, w, r, tw, checked=True),
+            "triton_tuned": lambda x=x, c=tuned, r=t_route, tw=tw: grouped_gemm(x, w, c, mode=MODE_DOWN, route=r,
+                                                                              topk_weights=tw, zero_init=True),
+            "triton_swap_asm": lambda x=x, r=route, tw=tw: grouped_gemm(x, w, SWAP_CFG, mode=MODE_DOWN, route=r,
+                                                                       topk_weights=tw, zero_init=True),
         }
         outs = {name: fn() for name, fn in runs.items()}
         for name, fn in runs.items():

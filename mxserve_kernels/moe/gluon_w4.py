@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from mxserve_kernels._common.layout import F_BITS, F_GROUP, F_KIND, KIND_INT, KIND_NONE, NFIELDS, PackedWeights
+from mxserve_kernels._common.layout import (
+    F_BITS,
+    F_GROUP,
+    F_KIND,
+    KIND_INT,
+    KIND_NONE,
+    NFIELDS,
+    PackedWeights,
+)
 from mxserve_kernels.moe.routing import Route
 
 BLOCK_M = 16  # the route's BLOCK_M (the kernel's BM)
@@ -21,7 +29,7 @@ def gluon_available() -> bool:
     """True when Triton's Gluon (``triton.experimental.gluon``, Triton >= 3.5) and its Hopper ops import."""
     try:
         from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma  # noqa: F401
-    except Exception:
+    except (ImportError, AttributeError):
         return False
     return True
 

@@ -71,7 +71,7 @@ def _run(t, k, e, h, i, routing, seed=0, schemes=("int4_g128_asym",)):
 @pytest.mark.parametrize("routing", ["random", "skewed", "skip_half", "one_expert"])
 def test_gluon_w4_down_vs_reference(t, routing):
     _sm90()
-    w, x, route, tw, ids, got = _run(t, 8, 32, 1024, 768, routing, seed=t)
+    w, x, _, tw, ids, got = _run(t, 8, 32, 1024, 768, routing, seed=t)
     want = _reference(x, w, ids, tw)
     assert rel_mean_err(want, got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
 
@@ -85,7 +85,7 @@ def test_gluon_w4_down_qwen3_shape_vs_triton(t):
     w, x, route, tw, ids, got = _run(t, 8, 128, 2048, 768, "random", seed=100 + t)
     want = _reference(x, w, ids, tw)
     assert rel_mean_err(want, got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
-    cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=3, ASM=1, SWAP=1)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 4, "num_stages": 3, "ASM": 1, "SWAP": 1}
     tri = grouped_gemm(x, w, cfg, mode=MODE_DOWN, route=route, topk_weights=tw, zero_init=True)
     assert rel_mean_err(tri.float(), got.float()) < GROUPED_GEMM_REL_MEAN[torch.bfloat16]
 
@@ -94,7 +94,7 @@ def test_gluon_w4_down_expert_without_weights_and_cuda_graph():
     """An expert with no weights (KIND_NONE: its rows stay 0, as in grouped_gemm) and CUDA-graph replay."""
     _sm90()
     from mxserve_kernels.moe.gluon_w4 import check_weights, gluon_w4_down
-    w, x, route, tw, ids, got = _run(16, 8, 16, 1024, 512, "random", seed=7)
+    w, x, route, tw, ids, _ = _run(16, 8, 16, 1024, 512, "random", seed=7)
     w.einfo[3, 0] = 0  # layout.KIND_NONE
     check_weights(w)
     want = _reference(x, w, ids, tw)

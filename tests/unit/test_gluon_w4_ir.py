@@ -28,7 +28,7 @@ def _gluon():
         from triton.experimental.gluon._runtime import GluonASTSource
 
         from mxserve_kernels.moe import gluon_w4_kernels
-    except Exception as exc:  # Triton without Gluon / without its Hopper ops
+    except (ImportError, AttributeError) as exc:  # Triton without Gluon / without its Hopper ops
         pytest.skip(f"Gluon unavailable: {type(exc).__name__}: {exc}")
     return GluonASTSource, GPUTarget, gluon_w4_kernels
 
@@ -46,7 +46,7 @@ def compile_gluon(k: int = K_DOWN) -> dict[str, str]:
 
 def loop_body(ptx: str) -> str:
     """The PTX of the (single) innermost loop: from its ``Inner Loop Header`` label to the back-edge branch."""
-    heads = re.findall(r"^(\$L__\w+):\s*// =>This Inner Loop Header", ptx, flags=re.M)
+    heads = re.findall(r"^(\$L__\w+):\s*// =>This Inner Loop Header", ptx, flags=re.MULTILINE)
     assert len(heads) == 1, f"expected one innermost loop, found {heads}"
     start = ptx.index(heads[0] + ":")
     end = ptx.index(f"bra \t{heads[0]};", start) if f"bra \t{heads[0]};" in ptx else ptx.rindex(heads[0])
