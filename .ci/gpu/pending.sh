@@ -14,6 +14,8 @@
 #   layerbench  python -m mxserve.scheduler.layer_bench: 48 offloaded layers without vLLM, uniform + synth routing,
 #             decode B=1/8/32 + a 2k prefill per budget; give it its own call (session 6: no row within 165 s, build
 #             + warm-up of 48 nested layers; hold 1 died on Triton OutOfResources, fixed ead05f5)         issue 7
+#   gluon     the Gluon int4 down-projection prototype (docs/kernels-gluon.md): GPU correctness + its bench vs
+#             our Triton down projection (same weights/route, graphs, cold L2); kernel-only, ~2-3 min      issue 4
 #   bench-moe bench_moe vs vLLM peers with the session-6 by_bits configs (W2 / mix ratios; ~3 min)   issue 4
 #   gpu-tests PART=moe (SWAP / ASM / GSCALE), PART=kv (every KV decode path), PART=slot (the slot pool under the
 #             host-einfo path); no vLLM; one call each; session 6's PART=moe call printed nothing before its
@@ -30,13 +32,17 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/logs"
 export MXSERVE_TEST_LOG_DIR=$OUT/logs
 export PYTHONUNBUFFERED=1  # output of a step cut by its timeout still comes back (session 6: a silent 270-s call)
-step=${1:?usage: pending.sh kvtput|layerbench|bench-moe|gpu-tests|offload-e2e|parallel|tune-bits|e2e|e2e48|e2e-peers|kernels|tune|offload|metrics|kvbench}
+step=${1:?usage: pending.sh kvtput|layerbench|gluon|bench-moe|gpu-tests|offload-e2e|parallel|tune-bits|e2e|e2e48|e2e-peers|kernels|tune|offload|metrics|kvbench}
 DEADLINE=${DEADLINE:-540}  # seconds for one e2e command (the device call's 600 s, less install and copy)
 case $step in
   kernels)
     MXSERVE_TEST_JSON=$OUT/kernels.json python3 -m pytest -q -m gpu tests/kernels/test_kernel_warmup.py \
       tests/kernels/test_offload_slot_moe.py tests/kernels/test_moe_kernels_gpu.py \
       -k "warm or slot or fma or kinds or split or ktile or asm" ;;
+  gluon)
+    MXSERVE_TEST_JSON=$OUT/gluon_tests.json timeout 240 python3 -m pytest -m gpu -v -rfE \
+      tests/kernels/test_gluon_w4_gpu.py 2>&1 | grep -E "PASSED|FAILED|ERROR|Error|passed|failed" | tail -40
+    timeout 200 python3 -m mxserve_kernels.bench.bench_gluon_w4 --json "$OUT/gluon_w4.json" --tokens 1,4,16,64 ;;
   bench-moe)
     python3 -m mxserve_kernels.bench.bench_moe --tokens 1,4,16,64 --json "$OUT/bench_moe_decode.json" \
       --plot "$OUT/moe_decode.png" --peers mxserve.vllm_plugin.bench_peers:moe_peers 2>&1 | tee "$OUT/bench.log" | tail -30 ;;

@@ -39,6 +39,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from mxserve_kernels._common.layout import F_KIND, F_MOFF, F_QOFF, KIND_INT, OFF_UNIT
 from mxserve_kernels.moe.grouped_gemm_kernels import _dq4_asm
 
 BN = gl.constexpr(64)  # weight rows per program (wgmma M of one warp group)
@@ -47,6 +48,8 @@ STEP_WORDS = gl.constexpr(16)  # code words per step
 STEP_K = gl.constexpr(128)  # K rows per step (STEP_WORDS x 8 slots)
 
 _DQ4 = gl.constexpr(_dq4_asm())
+_F_KIND, _F_QOFF, _F_MOFF = gl.constexpr(F_KIND), gl.constexpr(F_QOFF), gl.constexpr(F_MOFF)
+_KIND_INT, _OFF_UNIT = gl.constexpr(KIND_INT), gl.constexpr(OFF_UNIT)
 _BF16X8 = gl.constexpr((gl.bfloat16,) * 8)
 
 # accumulator acc^T [BN, BM]: one warp group, wgmma m64n16k16
@@ -133,10 +136,10 @@ def gluon_w4_down_kernel(x_ptr, out_ptr, qw_ptr, meta_ptr, einfo_ptr, sorted_ids
     num_post = gl.load(num_post_ptr)
     e = gl.load(block_expert_ptr + pid_m)
     info = einfo_ptr + gl.maximum(e, 0) * NFIELDS
-    kind = gl.load(info)  # layout.KIND_INT = 2; an expert without weights (KIND_NONE) leaves its rows 0
-    if (pid_m * BM < num_post) & (e >= 0) & (kind == 2):
-        qoff = gl.load(info + 3) * 16  # layout.OFF_UNIT
-        moff = gl.load(info + 5) * 16
+    kind = gl.load(info + _F_KIND)  # an expert without weights (KIND_NONE) leaves its rows 0
+    if (pid_m * BM < num_post) & (e >= 0) & (kind == _KIND_INT):
+        qoff = gl.load(info + _F_QOFF) * _OFF_UNIT
+        moff = gl.load(info + _F_MOFF) * _OFF_UNIT
         kgn = (K // STEP_K) * N  # scale rows [K/G, N], then zero rows (g = 128)
         n_w = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, WORD_LAYOUT))
         w_w = gl.arange(0, STEP_WORDS, layout=gl.SliceLayout(0, WORD_LAYOUT))
