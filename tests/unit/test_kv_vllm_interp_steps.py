@@ -9,7 +9,8 @@ one token ``.contiguous()`` returns both views unchanged with different size-1 s
 Layouts (``LAYOUTS``): "qwen3" = q and k after a per-head RMSNorm (own [T, H*D] buffers), v a column slice of
 qkv [T, (Hq + 2H) * D]; "llama" = q, k, v all column slices of qkv. Schedule (``STEPS``, page 16, 3 requests):
 two prefills (B chunked), 1 decode + B's rest, pure decode B = 2 (+ a padded token, slot -1), decode B = 1, a
-prefix-cache hit (C's first page is A's) next to a decode, then decode B = 2 reading the shared page.
+prefix-cache hit (C's first page is A's) next to a decode, decode B = 2 reading the shared page, then decode
+B = 3 padded to a B = 4 FULL CUDA graph (a padded request with seq_len 0 on the null block).
 
 Per step: ``layer(q, k, v)`` inside vLLM's forward context (``unified_kv_cache_update`` + the impl's ``forward``),
 metadata from our ``MxKVMetadataBuilder.build``; then (1) the packed cache equals the reference store of the same
@@ -35,15 +36,18 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 # bf16 dot is broken; bf16 runs in tests/kernels), llama a 4/2-bit format in fp32 (the IEEE dot path)
 LAYOUTS = {"qwen3": (64, 2, 1.5, 32, 64, "float16"), "llama": (32, 4, 2, 16, 32, "float32")}
 HQ, H, PAGE, NUM_PAGES = 4, 2, 16, 12
-# step -> [(request, tokens already computed, new tokens)], decodes first (vLLM's reorder, threshold 1), + padded
-# token rows (slot -1, as the runner pads num_tokens for CUDA graphs)
+# step -> ([(request, tokens already computed, new tokens)], padded token rows, FULL-graph padding), decodes first
+# (vLLM's reorder, threshold 1). Padded rows get slot -1 (the runner pads num_tokens for CUDA graphs); under FULL
+# graphs the runner also pads the requests (gpu_model_runner._build_attention_metadata): query length 0, seq_len 0,
+# block-table row = null block, num_actual_tokens = the padded count, so our decode runs on the padded rows too.
 STEPS = [
-    ([("A", 0, 20), ("B", 0, 24)], 0),           # two prefills; B chunked (40-token prompt)
-    ([("A", 20, 1), ("B", 24, 16)], 0),          # ONE decode token + the rest of B (cached context 24)
-    ([("A", 21, 1), ("B", 40, 1)], 1),           # pure decode B = 2, one padded token row
-    ([("B", 41, 1)], 0),                         # decode B = 1
-    ([("B", 42, 1), ("C", 16, 10)], 0),          # prefix-cache hit: C's first page is A's (16 computed)
-    ([("B", 43, 1), ("C", 26, 1)], 0),           # decode after the hit, reading the shared page
+    ([("A", 0, 20), ("B", 0, 24)], 0, False),     # two prefills; B chunked (40-token prompt)
+    ([("A", 20, 1), ("B", 24, 16)], 0, False),    # ONE decode token + the rest of B (cached context 24)
+    ([("A", 21, 1), ("B", 40, 1)], 1, False),     # pure decode B = 2, one padded token row (piecewise graph)
+    ([("B", 41, 1)], 0, False),                   # decode B = 1
+    ([("B", 42, 1), ("C", 16, 10)], 0, False),    # prefix-cache hit: C's first page is A's (16 computed)
+    ([("B", 43, 1), ("C", 26, 1)], 0, False),     # decode after the hit, reading the shared page
+    ([("A", 22, 1), ("B", 44, 1), ("C", 27, 1)], 1, True),  # decode B = 3 replayed in the B = 4 FULL graph
 ]
 # block tables (page 0 is vLLM's null block, never allocated); C shares A's first (full) page
 TABLES = {"A": [5, 9], "B": [2, 11, 7], "C": [5, 3]}
@@ -119,8 +123,9 @@ def _qkv(layout, t, d, dtype, gen):
     return q, k, v
 
 
-def _metadata(step, pad, device):
-    """vLLM's CommonAttentionMetadata of one step + the per-layer slot mapping (padded rows -> -1)."""
+def _metadata(step, pad, full, device):
+    """vLLM's CommonAttentionMetadata of one step + the per-layer slot mapping (padded rows -> -1; ``full``: one
+    padded request per padded row, as FULL CUDA graphs replay uniform decode)."""
     import torch
     from vllm.v1.attention.backend import CommonAttentionMetadata
     width = max(len(p) for p in TABLES.values())
@@ -136,9 +141,13 @@ def _metadata(step, pad, device):
     slots = table[rows, pos // PAGE].long() * PAGE + pos % PAGE
     n = int(qsl[-1])
     slots = torch.cat([slots, torch.full((pad,), -1, dtype=torch.long)])
+    if full:  # padded requests: query length 0, seq_len 0, null-block table rows; every padded token is "actual"
+        qsl = torch.cat([qsl, qsl[-1:].repeat(pad)])
+        seq = torch.cat([seq, torch.zeros(pad, dtype=torch.int32)])
+        table = torch.cat([table, torch.zeros(pad, width, dtype=torch.int32)])
     cam = CommonAttentionMetadata(
-        query_start_loc=qsl.to(device), query_start_loc_cpu=qsl, seq_lens=seq.to(device), num_reqs=len(step),
-        num_actual_tokens=n, max_query_len=int(q_lens.max()), max_seq_len=int(seq.max()),
+        query_start_loc=qsl.to(device), query_start_loc_cpu=qsl, seq_lens=seq.to(device), num_reqs=len(seq),
+        num_actual_tokens=n + pad * full, max_query_len=int(q_lens.max()), max_seq_len=int(seq.max()),
         block_table_tensor=table.to(device), slot_mapping=slots.to(device), seq_lens_cpu_upper_bound=seq)
     return cam, slots
 
@@ -179,16 +188,16 @@ def _run(layout):
     builder = MxKVMetadataBuilder(spec, [name], cfg, torch.device("cpu"))
     gen = torch.Generator().manual_seed(7)
     tol = ATTENTION[dtype]
-    for si, (step, pad) in enumerate(STEPS):
-        cam, slots = _metadata(step, pad, torch.device("cpu"))
-        n = cam.num_actual_tokens
+    for si, (step, pad, full) in enumerate(STEPS):
+        cam, slots = _metadata(step, pad, full, torch.device("cpu"))
+        b, n = len(step), sum(c for _, _, c in step)  # real requests / tokens (the rest is padding)
         q, k, v = _qkv(layout, n + pad, d, dtype, gen)
         md = builder.build(0, cam)
         before = dict(counts)
         with set_current_vllm_config(cfg), set_forward_context({name: md}, cfg, slot_mapping={name: slots}):
             out = layer(q, k, v)
         nd = md.num_decodes
-        assert nd == sum(c == 1 for _, _, c in step), (si, nd)
+        assert nd == sum(c == 1 for _, _, c in step) + pad * full, (si, nd)
         launched = {kk: counts.get(kk, 0) - before.get(kk, 0) for kk in ("store", "decode")}
         assert launched == {"store": 1, "decode": int(nd > 0)}, (si, launched)
         # (1) the packed pages: bit-exact vs the reference store (k, v strides as vLLM passes them)
@@ -198,10 +207,10 @@ def _run(layout):
         # (2) one oracle for every row over the SAME packed pages: context dequantized, this step's tokens exact
         ctx = torch.tensor([c for _, c, _ in step])
         ref = R.paged_prefill_attention(q[:n].float().view(n, HQ, d), k[:n].float().view(n, H, d),
-                                        v[:n].float().view(n, H, d), cam.query_start_loc_cpu, ctx, layer.kv_cache,
-                                        cam.block_table_tensor, fmt, impl.scale, kp, vp)
+                                        v[:n].float().view(n, H, d), cam.query_start_loc_cpu[: b + 1], ctx,
+                                        layer.kv_cache, cam.block_table_tensor[:b], fmt, impl.scale, kp, vp)
         got = out[:n].view(n, HQ, d).float()
-        assert torch.isfinite(got).all(), f"step {si}: non-finite output"
+        assert torch.isfinite(out.view(-1, HQ, d)[: cam.num_actual_tokens]).all(), f"step {si}: non-finite output"
         torch.testing.assert_close(got, ref, **tol, msg=lambda m: f"{layout} step {si} {step}: {m}")
     print(f"OK {layout} {len(STEPS)} steps")
 
